@@ -1,0 +1,71 @@
+"""Export a trained checkpoint to the TorchScript file that TorchServe serves.
+
+    python -m training.export --checkpoint runs/gtsrb/best.pth --output models/gtsrb.pt
+
+The exported module takes uint8 [N, 3, 32, 32] and returns logits; it needs torch only (no timm).
+"""
+
+import argparse
+import contextlib
+import copy
+import warnings
+from pathlib import Path
+
+import torch
+
+from training.model import GTSRBClassifier, create_model
+
+
+@contextlib.contextmanager
+def _quiet_jit():
+    """torch 2.14 announces TorchScript's deprecation on every trace/script/save/load: nothing to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+        yield
+
+
+def to_torchscript(model: GTSRBClassifier) -> torch.jit.ScriptModule:
+    """Trace (eval mode, CPU) and freeze: BatchNorm folded into the convolutions, weights as constants."""
+    model = copy.deepcopy(model).cpu().eval()
+    example = torch.randn(2, 3, model.resolution, model.resolution)
+    with torch.no_grad(), _quiet_jit():
+        # The timm network is traced; the small wrapper is scripted so that it keeps its input contract
+        # (image_size, resolution) as attributes the handler can read.
+        model.net = torch.jit.trace(model.net, example)
+        scripted = torch.jit.script(model)
+        return torch.jit.freeze(scripted, preserved_attrs=["image_size", "resolution"])
+
+
+def save(model: GTSRBClassifier, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scripted = to_torchscript(model)
+    with _quiet_jit():
+        torch.jit.save(scripted, str(path))
+    return path
+
+
+def load(path: str | Path) -> torch.jit.ScriptModule:
+    with _quiet_jit():
+        return torch.jit.load(str(path), map_location="cpu").eval()
+
+
+def load_checkpoint(path: str | Path) -> GTSRBClassifier:
+    """Rebuild the model of a training checkpoint (its EMA weights when it has them)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    args = ckpt["args"]
+    model = create_model(args["num_classes"], args["resolution"])
+    model.load_state_dict(ckpt.get("ema") or ckpt["model"])
+    return model.eval()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--output", required=True)
+    args = p.parse_args()
+    print(save(load_checkpoint(args.checkpoint), args.output))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""Train mobilenetv3_small_100 on GTSRB and export the TorchScript model.
+
+    python -m training.train -c training/configs/gtsrb.yaml                      # the shipped recipe
+    python -m training.train -c training/configs/gtsrb.yaml --val-fraction 0.15  # hold out 15% of tracks
+    python -m training.train --synthetic --epochs 2 --output runs/smoke          # no GTSRB at hand
+    python -m training.train -c runs/gtsrb/config.yaml --resume runs/gtsrb/last.pth
+
+Command-line flags override the YAML config; the resolved config is written next to the outputs.
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import timm.utils
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm import tqdm
+
+from training import data as gdata
+from training import export, metrics
+from training.model import ARCH, create_model
+from training.presets import IMAGE_SIZE, TrainAugment
+
+log = logging.getLogger("train")
+CLASS_NAMES_FILE = Path(__file__).resolve().parent.parent / "handler" / "index_to_name.json"
+
+
+def class_names() -> list[str]:
+    mapping = json.loads(CLASS_NAMES_FILE.read_text())
+    return [mapping[str(i)] for i in range(len(mapping))]
+
+
+# ---------------------------------------------------------------------------- arguments
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--config", help="YAML file of defaults for the flags below")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-root", help="GTSRB root (torchvision layout); default $GTSRB_ROOT")
+    g.add_argument("--download", action="store_true", help="download GTSRB into --data-root (needs internet)")
+    g.add_argument("--synthetic", action="store_true", help="train on the rendered synthetic set (offline demo/tests)")
+    g.add_argument("--val-fraction", type=float, default=0.15, help="fraction of tracks held out; 0 = train on all")
+    g.add_argument("--balance", type=float, default=0.0, help="sample classes with weight count^-balance (0 = natural)")
+    g = p.add_argument_group("model")
+    g.add_argument("--resolution", type=int, default=64, help="working resolution of the net (input upsampled)")
+    g.add_argument("--pretrained", action="store_true", help="start from timm's ImageNet weights (needs internet)")
+    g.add_argument("--pretrained-file", help="start from local timm weights (.pth/.safetensors)")
+    g.add_argument("--drop-rate", type=float, default=0.2)
+    g.add_argument("--drop-path-rate", type=float, default=0.05)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=60)
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--lr", type=float, default=3e-3)
+    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--warmup-epochs", type=float, default=2)
+    g.add_argument("--label-smoothing", type=float, default=0.1)
+    g.add_argument("--ema-decay", type=float, default=0.999, help="0 disables the weight EMA")
+    g.add_argument("--max-steps", type=int, default=0, help="stop each epoch after this many steps (smoke tests)")
+    g = p.add_argument_group("augmentation (per sample; no horizontal flip)")
+    g.add_argument("--degrees", type=float, default=15)
+    g.add_argument("--translate", type=float, default=0.1)
+    g.add_argument("--scale-min", type=float, default=0.8)
+    g.add_argument("--scale-max", type=float, default=1.2)
+    g.add_argument("--shear", type=float, default=8)
+    g.add_argument("--color-jitter", type=float, default=0.4)
+    g.add_argument("--blur-p", type=float, default=0.2)
+    g.add_argument("--erase-p", type=float, default=0.25)
+    g = p.add_argument_group("run")
+    g.add_argument("--output", default="runs/gtsrb")
+    g.add_argument("--export", default="", help="also copy the exported model here (e.g. models/gtsrb.pt)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    g.add_argument("--resume", help="checkpoint to continue from")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = get_args_parser()
+    pre, _ = p.parse_known_args(argv)
+    if pre.config:
+        cfg = yaml.safe_load(Path(pre.config).read_text()) or {}
+        unknown = set(cfg) - {a.dest for a in p._actions}
+        if unknown:
+            p.error(f"unknown keys in {pre.config}: {sorted(unknown)}")
+        p.set_defaults(**cfg)
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def load_data(args) -> dict:
+    if args.synthetic:
+        root = Path(tempfile.mkdtemp(prefix="gtsrb-synthetic-"))
+        gdata.make_synthetic(root)
+        source = "synthetic (rendered signs, NOT real GTSRB)"
+    else:
+        root = gdata.resolve_root(args.data_root)
+        if root is None:
+            sys.exit("no GTSRB root: pass --data-root DIR (with --download to fetch it) or set GTSRB_ROOT, or use --synthetic")
+        source = f"GTSRB train split at {root}"
+    ds = gdata.gtsrb(str(root), "train", download=args.download)
+    log.info(f"data: {source}: {len(ds)} images")
+    d = gdata.load_tensors(ds, desc="decode")
+    d["source"], d["fingerprint"] = source, gdata.fingerprint(d["paths"])
+    return d
+
+
+def make_loader(d: dict, idx: torch.Tensor, args) -> torch.utils.data.DataLoader:
+    """Batches of decoded uint8 images; augmentation happens per batch on the device (TrainAugment)."""
+    ds = torch.utils.data.TensorDataset(d["images"][idx], d["labels"][idx])
+    g = torch.Generator().manual_seed(args.seed)
+    sampler = None
+    if args.balance > 0:
+        counts = torch.bincount(ds.tensors[1], minlength=gdata.NUM_CLASSES).float()
+        weights = counts[ds.tensors[1]] ** -args.balance
+        sampler = torch.utils.data.WeightedRandomSampler(weights, len(ds), generator=g)
+    return torch.utils.data.DataLoader(
+        ds, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler, generator=g, drop_last=True
+    )
+
+
+# ---------------------------------------------------------------------------- loop
+
+
+def train_one_epoch(model, ema, loader, augment, optimizer, scheduler, epoch, args) -> dict:
+    model.train()
+    total, t0 = 0, time.time()
+    correct = torch.zeros((), device=args.device)
+    loss_sum = torch.zeros((), device=args.device)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device.startswith("cuda"))
+    bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, dynamic_ncols=True)
+    for step, (x, y) in enumerate(bar):
+        x = augment(x.to(args.device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+        y = y.to(args.device, non_blocking=True)
+        with amp:
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimizer.step()
+        scheduler.step()
+        if ema is not None:
+            ema.update(model)
+        total += len(y)
+        correct += (logits.argmax(1) == y).sum()
+        loss_sum += loss.detach().float() * len(y)
+        if step % 20 == 0:  # .item() waits for the device: not every step
+            bar.set_postfix(loss=f"{loss_sum.item() / total:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if args.max_steps and step + 1 >= args.max_steps:
+            break
+    dt = time.time() - t0
+    return {"train_loss": loss_sum.item() / total, "train_top1": correct.item() / total, "epoch_s": dt, "img_per_s": total / dt}
+
+
+def lr_lambda(args, steps_per_epoch: int):
+    warmup, total = args.warmup_epochs * steps_per_epoch, args.epochs * steps_per_epoch
+
+    def f(step: int) -> float:  # linear warm-up, then cosine to zero
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return f
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(args) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    d = load_data(args)
+    if args.val_fraction > 0:
+        train_idx, val_idx = gdata.track_split(d["labels"], d["tracks"], args.val_fraction, args.seed)
+    else:
+        train_idx, val_idx = torch.arange(len(d["labels"])), torch.arange(0)
+    log.info(f"split by track: {len(train_idx)} train / {len(val_idx)} val images")
+    loader = make_loader(d, train_idx, args)
+    augment = TrainAugment(
+        degrees=args.degrees, translate=args.translate, scale=(args.scale_min, args.scale_max), shear=args.shear,
+        color_jitter=args.color_jitter, blur_p=args.blur_p, erase_p=args.erase_p,
+    )  # fmt: skip
+    val_x, val_y = d["images"][val_idx], d["labels"][val_idx]
+
+    model = create_model(
+        gdata.NUM_CLASSES, args.resolution, pretrained=args.pretrained, pretrained_file=args.pretrained_file,
+        drop_rate=args.drop_rate, drop_path_rate=args.drop_path_rate,
+    ).to(args.device, memory_format=torch.channels_last)  # fmt: skip
+    # No weight decay on biases and BatchNorm parameters.
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr
+    )
+    steps = min(len(loader), args.max_steps or len(loader))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, steps))
+    ema = timm.utils.ModelEmaV3(model, decay=args.ema_decay) if args.ema_decay > 0 else None
+
+    start, history, best = 1, [], -1.0
+    if args.resume:
+        ckpt = torch.load(args.resume, map_location=args.device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["lr_scheduler"])
+        if ema is not None and ckpt.get("ema"):
+            ema.module.load_state_dict(ckpt["ema"])
+        start, history, best = ckpt["epoch"] + 1, ckpt["history"], ckpt["best"]
+        log.info(f"resumed from {args.resume} at epoch {start}")
+
+    run_info = {
+        "arch": ARCH, "num_classes": gdata.NUM_CLASSES, "image_size": IMAGE_SIZE, "data_source": d["source"],
+        "data_fingerprint": d["fingerprint"], "git_commit": git_commit(), "torch": str(torch.__version__),
+    }  # fmt: skip
+    config = {k: v for k, v in vars(args).items() if k not in ("config", "resume")}
+    (out / "config.yaml").write_text(yaml.safe_dump({**config, "_run": run_info}, sort_keys=False))
+    log.info(f"{ARCH} @ {args.resolution}px, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+             f"{args.epochs} epochs x {steps} steps, device {args.device}, output {out}")  # fmt: skip
+
+    t_start = time.time()
+    for epoch in range(start, args.epochs + 1):
+        row = {"epoch": epoch, **train_one_epoch(model, ema, loader, augment, optimizer, scheduler, epoch, args)}
+        eval_model = ema.module if ema is not None else model
+        msg = ""
+        if len(val_y):
+            s = metrics.summarize(metrics.predict(eval_model, val_x, args.device), val_y)
+            row |= {"val_loss": s["loss"], "val_top1": s["top1"], "val_macro_f1": s["macro_f1"]}
+            msg = f" | val loss {s['loss']:.4f} top-1 {s['top1']:.2%} macro-F1 {s['macro_f1']:.4f}"
+        history.append(row)
+        log.info(f"epoch {epoch:3d} | train loss {row['train_loss']:.4f} top-1 {row['train_top1']:.2%} | "
+                 f"{row['img_per_s']:.0f} img/s {row['epoch_s']:.0f}s{msg}")  # fmt: skip
+        score = row.get("val_top1", epoch)  # without a val split the last epoch is the one kept
+        ckpt = {
+            "model": model.state_dict(), "ema": ema.module.state_dict() if ema else None,
+            "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(), "epoch": epoch,
+            "args": {**config, "num_classes": gdata.NUM_CLASSES}, "history": history, "best": max(best, score),
+        }  # fmt: skip
+        torch.save(ckpt, out / "last.pth")
+        if score > best:
+            best = score
+            torch.save(ckpt, out / "best.pth")
+    wall = time.time() - t_start
+
+    # ---- export and reports
+    model = export.load_checkpoint(out / "best.pth")
+    model_path = export.save(model, out / "model.pt")
+    result = {"run": run_info, "train_wall_s": round(wall, 1), "history": history}
+    result["train_img_per_s"] = round(sum(h["img_per_s"] for h in history) / max(1, len(history)), 1)
+    metrics.plot_curves(history, out / "curves.png")
+    if len(val_y):
+        s = metrics.summarize(metrics.predict(export.load(model_path), val_x), val_y, class_names())
+        result["val"] = s
+        metrics.plot_confusion(s, out / "confusion.png", f"validation (held-out tracks), top-1 {s['top1']:.2%}")
+        log.info("exported model on validation tracks: " + metrics.format_summary(s))
+    metrics.write_json(result, out / "metrics.json")
+    if args.export:
+        Path(args.export).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.export).write_bytes(model_path.read_bytes())
+    log.info(f"done in {wall / 60:.1f} min: {model_path} ({os.path.getsize(model_path) / 1e6:.1f} MB)")
+    return result
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -34,11 +34,13 @@ def request_bytes(row: dict) -> bytes:
     parsed when the content type is application/json.
     """
     if not isinstance(row, dict) or not row:
-        raise InputError("empty request: send an image as the body, a multipart field, or JSON {\"data\": base64}")
+        raise InputError('empty request: send an image as the body, a multipart field, or JSON {"data": base64}')
     value = row.get("data", row.get("body"))
     if value is None:
         if len(row) != 1:
-            raise InputError(f"several form fields ({', '.join(sorted(row))}): send the image in one field named 'data'")
+            raise InputError(
+                f"several form fields ({', '.join(sorted(row))}): send the image in one field named 'data'"
+            )
         value = next(iter(row.values()))
     if isinstance(value, (bytes, bytearray)):
         value = bytes(value)
@@ -49,10 +51,10 @@ def request_bytes(row: dict) -> bytes:
                 raise InputError(f"body looks like JSON but does not parse: {e}", kind="InvalidJSON") from None
     if isinstance(value, dict):
         if "data" not in value:
-            raise InputError("JSON body has no 'data' field: send {\"data\": \"<base64 image>\"}", kind="InvalidJSON")
+            raise InputError('JSON body has no \'data\' field: send {"data": "<base64 image>"}', kind="InvalidJSON")
         value = value["data"]
     if isinstance(value, list):
-        raise InputError("JSON list given: send one image per request, {\"data\": \"<base64 image>\"}", kind="InvalidJSON")
+        raise InputError('JSON list given: send one image per request, {"data": "<base64 image>"}', kind="InvalidJSON")
     if isinstance(value, str):
         try:
             value = base64.b64decode(value, validate=True)
@@ -97,13 +99,17 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS, draft_size: int |
             img = Image.open(io.BytesIO(data))
     except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         if isinstance(e, UnidentifiedImageError):
-            raise InputError("not an image Pillow can decode (expected PNG, JPEG, PPM, BMP, WEBP, TIFF, GIF)", kind="InvalidImage") from None
+            raise InputError(
+                "not an image Pillow can decode (expected PNG, JPEG, PPM, BMP, WEBP, TIFF, GIF)", kind="InvalidImage"
+            ) from None
         raise InputError(f"image too large: {e}", status=413, kind="ImageTooLarge") from None
     except Exception as e:  # Pillow raises assorted errors on malformed headers
         raise InputError(f"cannot read image header: {e}", kind="InvalidImage") from None
     w, h = img.size
     if w * h > max_pixels:
-        raise InputError(f"image too large: {w}x{h} = {w * h} pixels, limit {max_pixels}", status=413, kind="ImageTooLarge")
+        raise InputError(
+            f"image too large: {w}x{h} = {w * h} pixels, limit {max_pixels}", status=413, kind="ImageTooLarge"
+        )
     if w < 1 or h < 1:
         raise InputError(f"image has no pixels ({w}x{h})", kind="InvalidImage")
     try:

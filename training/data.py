@@ -92,7 +92,14 @@ def track_split(labels: torch.Tensor, tracks: torch.Tensor, val_fraction: float,
 # A stand-in with GTSRB's layout for machines without the data (tests, offline demos): 43 sign
 # designs from shape, colours and glyph, photographed with random pose, light, blur and noise.
 
-RED, BLUE, WHITE, BLACK, YELLOW, GREY = (200, 30, 40), (30, 70, 180), (235, 235, 235), (20, 20, 20), (240, 190, 20), (140, 140, 140)
+RED, BLUE, WHITE, BLACK, YELLOW, GREY = (
+    (200, 30, 40),
+    (30, 70, 180),
+    (235, 235, 235),
+    (20, 20, 20),
+    (240, 190, 20),
+    (140, 140, 140),
+)
 _SPEEDS = {0: "20", 1: "30", 2: "50", 3: "60", 4: "70", 5: "80", 7: "100", 8: "120"}
 _TRIANGLE_GLYPHS = "!<>SZ^~IRAPKBE*W"  # classes 18..31 and 11: one glyph each
 
@@ -130,8 +137,10 @@ def render_sign(cls: int, rng: random.Random, size: int = 64) -> Image.Image:
         sides, rot = {"triangle": (3, -90), "yield": (3, 90), "diamond": (4, 0), "octagon": (8, 22.5)}[shape]
         for scale, colour in ((1.0, rim), (0.72, fill)):
             pts = [
-                (c + r * scale * math.cos(math.radians(rot + 360 * k / sides)),
-                 c + r * scale * math.sin(math.radians(rot + 360 * k / sides)))
+                (
+                    c + r * scale * math.cos(math.radians(rot + 360 * k / sides)),
+                    c + r * scale * math.sin(math.radians(rot + 360 * k / sides)),
+                )
                 for k in range(sides)
             ]
             d.polygon(pts, fill=colour)
@@ -150,7 +159,9 @@ def render_sign(cls: int, rng: random.Random, size: int = 64) -> Image.Image:
     return Image.blend(img, noise, 0.12).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
 
 
-def make_synthetic(root: str | Path, tracks_per_class: int = 3, frames: int = 5, test_per_class: int = 4, seed: int = 0) -> Path:
+def make_synthetic(
+    root: str | Path, tracks_per_class: int = 3, frames: int = 5, test_per_class: int = 4, seed: int = 0
+) -> Path:
     """Render a synthetic GTSRB in torchvision's layout under root; returns root."""
     root = Path(root)
     rng = random.Random(seed)

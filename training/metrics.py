@@ -47,8 +47,13 @@ def worst_classes(summary: dict, k: int = 5) -> list[dict]:
 
 
 def format_summary(summary: dict, k: int = 5) -> str:
-    lines = [f"top-1 {summary['top1']:.2%}  top-5 {summary['top5']:.2%}  macro-F1 {summary['macro_f1']:.4f}  (n={summary['n']})"]
-    lines += [f"  worst: {r['class']:2d} {r['name']:<45} acc {r['accuracy']:.2%}  (n={r['support']})" for r in worst_classes(summary, k)]
+    lines = [
+        f"top-1 {summary['top1']:.2%}  top-5 {summary['top5']:.2%}  macro-F1 {summary['macro_f1']:.4f}  (n={summary['n']})"
+    ]
+    lines += [
+        f"  worst: {r['class']:2d} {r['name']:<45} acc {r['accuracy']:.2%}  (n={r['support']})"
+        for r in worst_classes(summary, k)
+    ]
     return "\n".join(lines)
 
 
@@ -62,7 +67,9 @@ def plot_confusion(summary: dict, path: Path, title: str) -> None:
     norm = cm / cm.sum(1, keepdim=True).clamp(min=1)
     fig, ax = plt.subplots(figsize=(11, 10))
     im = ax.imshow(norm, cmap="viridis", vmin=0, vmax=1)
-    ax.set(xlabel="predicted class", ylabel="true class", title=title, xticks=range(NUM_CLASSES), yticks=range(NUM_CLASSES))
+    ax.set(
+        xlabel="predicted class", ylabel="true class", title=title, xticks=range(NUM_CLASSES), yticks=range(NUM_CLASSES)
+    )
     ax.tick_params(labelsize=6)
     for i, j in zip(*torch.nonzero((cm > 0) & ~torch.eye(NUM_CLASSES, dtype=torch.bool), as_tuple=True)):
         ax.text(j, i, int(cm[i, j]), ha="center", va="center", color="w", fontsize=5)

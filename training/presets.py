@@ -17,7 +17,6 @@ IMAGE_SIZE = 32
 # Per-channel mean/std of the GTSRB training split at IMAGE_SIZE (training/data.py --stats recomputes them).
 MEAN = (0.3398, 0.3117, 0.3210)
 STD = (0.2755, 0.2647, 0.2712)
-TOP_K = 5
 
 
 class EvalPreset:
@@ -90,16 +89,18 @@ class TrainAugment:
         if self.color_jitter > 0:
             j = self.color_jitter
             x = x * u(1 - j, 1 + j, 1, 1, 1)
-            gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+            gray = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
             x = gray.mean((2, 3), keepdim=True) + (x - gray.mean((2, 3), keepdim=True)) * u(1 - j, 1 + j, 1, 1, 1)
-            gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+            gray = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
             x = gray + (x - gray) * u(1 - j, 1 + j, 1, 1, 1)
 
         # Blur: a random share of a 3x3 box-ish Gaussian (sigma ~1) for some images.
         if self.blur_p > 0:
             k = torch.tensor([0.27, 0.46, 0.27], device=dev)
             k2 = (k[:, None] * k[None, :]).expand(3, 1, 3, 3)
-            blurred = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), k2, groups=3)
+            blurred = torch.nn.functional.conv2d(
+                torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), k2, groups=3
+            )
             w = (torch.rand(b, 1, 1, 1, device=dev) < self.blur_p) * u(0.3, 1.0, 1, 1, 1)
             x = x + w * (blurred - x)
 
@@ -112,8 +113,10 @@ class TrainAugment:
             cy, cx = u(0, 1) * h, u(0, 1) * wd
             ys = torch.arange(h, device=dev).view(1, h, 1)
             xs = torch.arange(wd, device=dev).view(1, 1, wd)
-            m = ((ys - cy.view(b, 1, 1)).abs() < eh.view(b, 1, 1) / 2) & ((xs - cx.view(b, 1, 1)).abs() < ew.view(b, 1, 1) / 2)
-            m &= (torch.rand(b, 1, 1, device=dev) < self.erase_p)
+            m = ((ys - cy.view(b, 1, 1)).abs() < eh.view(b, 1, 1) / 2) & (
+                (xs - cx.view(b, 1, 1)).abs() < ew.view(b, 1, 1) / 2
+            )
+            m &= torch.rand(b, 1, 1, device=dev) < self.erase_p
             x = x.masked_fill(m.unsqueeze(1), 0.0)
 
         return x.clamp_(0, 255).round_().to(torch.uint8)

@@ -109,7 +109,9 @@ def load_data(args) -> dict:
     else:
         root = gdata.resolve_root(args.data_root)
         if root is None:
-            sys.exit("no GTSRB root: pass --data-root DIR (with --download to fetch it) or set GTSRB_ROOT, or use --synthetic")
+            sys.exit(
+                "no GTSRB root: pass --data-root DIR (with --download to fetch it) or set GTSRB_ROOT, or use --synthetic"
+            )
         source = f"GTSRB train split at {root}"
     ds = gdata.gtsrb(str(root), "train", download=args.download)
     log.info(f"data: {source}: {len(ds)} images")
@@ -163,7 +165,12 @@ def train_one_epoch(model, ema, loader, augment, optimizer, scheduler, epoch, ar
         if args.max_steps and step + 1 >= args.max_steps:
             break
     dt = time.time() - t0
-    return {"train_loss": loss_sum.item() / total, "train_top1": correct.item() / total, "epoch_s": dt, "img_per_s": total / dt}
+    return {
+        "train_loss": loss_sum.item() / total,
+        "train_top1": correct.item() / total,
+        "epoch_s": dt,
+        "img_per_s": total / dt,
+    }
 
 
 def lr_lambda(args, steps_per_epoch: int):

@@ -1,0 +1,62 @@
+# gtsrb-serve: train -> export -> archive -> serve.   `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+DATA ?= $(or $(GTSRB_ROOT),../shared/data)
+SPLIT ?= test
+MODEL ?= models/gtsrb.pt
+IMG ?= $(DATA)/gtsrb/GTSRB/Training/00014/00001_00029.ppm
+PORT ?= 8080
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(VENV)/.serve: requirements/serve.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements/serve.txt
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.serve requirements/train.txt requirements/dev.txt
+	$(PY) -m pip install -q -r requirements/dev.txt
+	touch $@
+
+install: $(VENV)/.dev ## create .venv with everything (serve + train + dev)
+
+train: $(VENV)/.dev ## train the shipped recipe on GTSRB ($$GTSRB_ROOT or DATA=...) and export models/gtsrb.pt
+	$(PY) -m training.train -c training/configs/gtsrb.yaml --data-root $(DATA)
+
+evaluate: $(VENV)/.dev ## top-1, macro-F1 and worst classes of MODEL on DATA/SPLIT (default: test split)
+	$(PY) -m training.evaluate --model $(MODEL) --data-root $(DATA) --split $(SPLIT)
+
+export: $(VENV)/.dev ## re-export models/gtsrb.pt from a checkpoint (CKPT=runs/gtsrb/best.pth)
+	$(PY) -m training.export --checkpoint $(or $(CKPT),runs/gtsrb/best.pth) --output models/gtsrb.pt
+
+model_store/gtsrb.mar: $(VENV)/.serve models/gtsrb.pt handler/*.py handler/*.json handler/model-config.yaml training/presets.py
+	mkdir -p model_store
+	$(BIN)/torch-model-archiver --force --model-name gtsrb --version 1.0 --export-path model_store \
+	  --serialized-file models/gtsrb.pt --handler handler/gtsrb_handler.py \
+	  --extra-files handler/image_input.py,training/presets.py,handler/index_to_name.json \
+	  --config-file handler/model-config.yaml
+
+archive: model_store/gtsrb.mar ## pack model_store/gtsrb.mar (model + handler + class names + config)
+
+serve: model_store/gtsrb.mar ## start TorchServe on :8080 and wait until the model is READY
+	PATH=$(BIN):$$PATH $(PY) -m tools.torchserve_ctl start
+
+stop: ## stop TorchServe
+	PATH=$(BIN):$$PATH $(PY) -m tools.torchserve_ctl stop
+
+predict: ## classify an image with the running server (IMG=path)
+	curl -sS -T $(IMG) http://127.0.0.1:$(PORT)/predictions/gtsrb; echo
+
+test: $(VENV)/.dev ## lint and run the whole test suite (starts a real TorchServe)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	PATH=$(BIN):$$PATH $(BIN)/pytest
+
+lint: $(VENV)/.dev ## ruff lint and format check
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+.PHONY: help install train evaluate export archive serve stop predict test lint

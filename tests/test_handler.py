@@ -1,0 +1,196 @@
+"""The handler without Java: a real ts.context.Context, the shipped model, images made in memory."""
+
+import base64
+import io
+import json
+import shutil
+import uuid
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from ts.context import Context, RequestProcessor
+from ts.metrics.metrics_store import MetricsStore
+
+from tests.conftest import MODEL, ROOT
+
+
+@pytest.fixture(scope="module")
+def handler(tmp_path_factory):
+    from gtsrb_handler import GTSRBHandler
+
+    model_dir = tmp_path_factory.mktemp("model")
+    shutil.copy(MODEL, model_dir / "gtsrb.pt")
+    shutil.copy(ROOT / "handler" / "index_to_name.json", model_dir)
+    cfg = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())
+    ctx = Context("gtsrb", str(model_dir), {"model": {"serializedFile": "gtsrb.pt"}}, 8, None, "0.12.0",
+                  metrics=MetricsStore(uuid.uuid4(), "gtsrb"), model_yaml_config=cfg)  # fmt: skip
+    h = GTSRBHandler()
+    h.initialize(ctx)
+    return h
+
+
+def run(handler, rows):
+    """handle() a batch; returns [(status, parsed JSON body)] per request."""
+    ctx = Context("gtsrb", "", {}, len(rows), None, "0.12.0", metrics=MetricsStore(uuid.uuid4(), "gtsrb"))
+    ctx.request_processor = [RequestProcessor({}) for _ in rows]
+    out = handler.handle(rows, ctx)
+    assert len(out) == len(rows)
+    return [(ctx.request_processor[i].get_response_status_code(), json.loads(o)) for i, o in enumerate(out)]
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height (a decompression bomb's calling card)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def stop_sign(real_signs) -> Image.Image:
+    path = next(p for p, c in real_signs if c == 14)
+    return Image.open(path).convert("RGB").resize((96, 96), Image.BICUBIC)
+
+
+def test_response_is_top5_names_sorted(handler, stop_sign):
+    [(status, body)] = run(handler, [{"body": encode(stop_sign, "PNG")}])
+    assert status == 200 and len(body) == 5
+    probs = list(body.values())
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+    assert next(iter(body)) == "Stop"
+    names = json.loads((ROOT / "handler" / "index_to_name.json").read_text()).values()
+    assert set(body) <= set(names)
+
+
+def test_every_input_form_gives_the_same_answer(handler, stop_sign):
+    png = encode(stop_sign, "PNG")
+    b64 = base64.b64encode(png).decode()
+    rows = [
+        {"body": png},  # curl -T / --data-binary
+        {"data": png},  # curl -F data=@img
+        {"file": png},  # multipart with another field name
+        {"body": {"data": b64}},  # JSON parsed by TorchServe
+        {"body": json.dumps({"data": b64}).encode()},  # JSON left as bytes
+        {"body": b64},  # base64 text body
+    ]
+    results = run(handler, rows)
+    assert all(s == 200 for s, _ in results)
+    assert all(b == results[0][1] for _, b in results)
+
+
+def test_real_signs_are_classified(handler, real_signs):
+    rows = [{"body": p.read_bytes()} for p, _ in real_signs]  # PPM, as in the dataset
+    top1 = [next(iter(b)) for _, b in run(handler, rows)]
+    names = json.loads((ROOT / "handler" / "index_to_name.json").read_text())
+    assert top1 == [names[str(c)] for _, c in real_signs]
+
+
+def _odd_images(sign: Image.Image) -> dict[str, bytes]:
+    gray16 = Image.fromarray(np.asarray(sign.convert("L"), dtype=np.uint16) * 257)
+    rgba = sign.convert("RGBA")
+    rgba.putalpha(Image.new("L", sign.size, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees
+    frames = [sign, sign.rotate(30)]
+    return {
+        "L png": encode(sign.convert("L"), "PNG"),
+        "LA png": encode(sign.convert("LA"), "PNG"),
+        "P png": encode(sign.convert("P"), "PNG"),
+        "P transparent gif": encode(sign.convert("P"), "GIF", transparency=0),
+        "RGBA png": encode(rgba, "PNG"),
+        "1-bit bmp": encode(sign.convert("1"), "BMP"),
+        "16-bit png": encode(gray16, "PNG"),
+        "CMYK jpeg": encode(sign.convert("CMYK"), "JPEG"),
+        "EXIF-rotated jpeg": encode(sign.rotate(90, expand=True), "JPEG", exif=exif),
+        "animated gif": encode(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+        "webp": encode(sign, "WEBP"),
+        "tiff": encode(sign, "TIFF"),
+        "ppm": encode(sign, "PPM"),
+        "1x1": encode(sign.resize((1, 1)), "PNG"),
+        "1000x8": encode(sign.resize((1000, 8)), "PNG"),
+        "float tiff": encode(Image.fromarray(np.asarray(sign.convert("L"), dtype=np.float32)), "TIFF"),
+    }
+
+
+def test_odd_but_valid_images_get_predictions(handler, stop_sign):
+    images = _odd_images(stop_sign)
+    results = run(handler, [{"body": b} for b in images.values()])
+    for (name, _), (status, body) in zip(images.items(), results):
+        assert status == 200 and len(body) == 5, (name, body)
+    # Colour-preserving encodings of the sign still read as a stop sign (EXIF rotation undone).
+    for name, (_, body) in zip(images, results):
+        if name in ("RGBA png", "CMYK jpeg", "EXIF-rotated jpeg", "webp", "tiff", "ppm"):
+            assert next(iter(body)) == "Stop", name
+
+
+BAD = {
+    "empty body": ({"body": b""}, 400, "EmptyInput"),
+    "no fields": ({}, 400, "InvalidInput"),
+    "text": ({"body": "hello, world"}, 400, "InvalidBase64"),
+    "random bytes": ({"body": bytes(range(256)) * 4}, 400, "InvalidImage"),
+    "bad base64 in json": ({"body": {"data": "%%%not base64%%%"}}, 400, "InvalidBase64"),
+    "json without data": ({"body": {"image": "abc"}}, 400, "InvalidJSON"),
+    "broken json": ({"body": b'{"data": "abc'}, 400, "InvalidJSON"),
+    "svg": ({"body": b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>'}, 400, "InvalidImage"),
+    "pdf": ({"body": b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF"}, 400, "InvalidImage"),
+}
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_input_gets_4xx_json(handler, name):
+    row, status, kind = BAD[name]
+    [(got, body)] = run(handler, [row])
+    assert (got, body["code"], body["type"]) == (status, status, kind), body
+    assert body["message"]
+
+
+def test_truncated_and_bomb_images(handler, stop_sign):
+    png, jpg = encode(stop_sign, "PNG"), encode(stop_sign, "JPEG")
+    bomb = png_header_only(60000, 60000)
+    results = run(handler, [{"body": png[: len(png) // 2]}, {"body": jpg[: len(jpg) // 2]}, {"body": bomb}])
+    assert [(s, b["type"]) for s, b in results] == [
+        (400, "InvalidImage"),
+        (400, "InvalidImage"),
+        (413, "ImageTooLarge"),
+    ]
+    assert "too large" in results[2][1]["message"]
+
+
+def test_bad_request_in_a_batch_fails_alone(handler, stop_sign):
+    good = {"body": encode(stop_sign, "PNG")}
+    rows = [good, {"body": b"garbage"}, good, {"body": b""}, good]
+    results = run(handler, rows)
+    assert [s for s, _ in results] == [200, 400, 200, 400, 200]
+    assert results[0][1] == results[2][1] == results[4][1]
+
+
+def test_handler_preprocessing_is_the_training_preprocessing(handler, real_signs, tmp_path):
+    """The same image gives the same tensor through the served handler and the training data loader."""
+    from training import data as gdata
+
+    # A GTSRB-layout tree holding real sign images at a size the served path must resize.
+    folder = tmp_path / "gtsrb" / "GTSRB" / "Training" / "00000"
+    folder.mkdir(parents=True)
+    files = []
+    for i, (path, _) in enumerate(real_signs):
+        img = Image.open(path).resize((50 + 7 * i, 40 + 5 * i), Image.BICUBIC)
+        files.append(folder / f"00000_{i:05d}.ppm")
+        img.save(files[-1])
+    trained = gdata.load_tensors(gdata.gtsrb(str(tmp_path), "train"))["images"]
+    served, errors = handler.preprocess([{"body": f.read_bytes()} for f in files])
+    assert not errors
+    assert served.shape == trained.shape == (len(files), 3, 32, 32)
+    assert torch.equal(served, trained)

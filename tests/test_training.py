@@ -1,0 +1,98 @@
+import json
+
+import pytest
+import torch
+
+from training import export, train
+from training.model import create_model
+from training.presets import EvalPreset, TrainAugment
+
+
+def test_smoke_training_on_synthetic_data(tmp_path):
+    args = train.parse_args(
+        ["--synthetic", "--epochs", "4", "--batch-size", "32", "--resolution", "32", "--lr", "3e-3",
+         "--warmup-epochs", "0", "--ema-decay", "0", "--val-fraction", "0.34", "--output", str(tmp_path / "run")]
+    )  # fmt: skip
+    result = train.main(args)
+    losses = [h["train_loss"] for h in result["history"]]
+    assert losses[-1] < losses[0] * 0.9, f"training loss did not go down: {losses}"
+    run = tmp_path / "run"
+    for name in ("model.pt", "best.pth", "last.pth", "config.yaml", "metrics.json", "curves.png", "confusion.png"):
+        assert (run / name).is_file(), name
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["run"]["data_source"].startswith("synthetic") and len(saved["run"]["data_fingerprint"]) == 16
+    model = export.load(run / "model.pt")
+    logits = model(torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8))
+    assert logits.shape == (3, 43) and torch.isfinite(logits).all()
+
+
+def test_resume_continues_from_checkpoint(tmp_path):
+    common = ["--synthetic", "--batch-size", "64", "--resolution", "32", "--max-steps", "2", "--output", str(tmp_path)]
+    train.main(train.parse_args(common + ["--epochs", "1"]))
+    result = train.main(train.parse_args(common + ["--epochs", "2", "--resume", str(tmp_path / "last.pth")]))
+    assert [h["epoch"] for h in result["history"]] == [1, 2]
+
+
+def test_config_file_sets_defaults_and_flags_override(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("epochs: 7\nlr: 0.01\n")
+    args = train.parse_args(["-c", str(cfg), "--lr", "0.02"])
+    assert (args.epochs, args.lr) == (7, 0.02)
+    cfg.write_text("epoch: 7\n")
+    with pytest.raises(SystemExit):
+        train.parse_args(["-c", str(cfg)])
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+def test_torchscript_matches_eager(resolution):
+    torch.manual_seed(0)
+    model = create_model(43, resolution).eval()
+    for m in model.modules():  # non-trivial BatchNorm statistics, so that freezing them is tested
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    scripted = export.to_torchscript(model)
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x), rtol=1e-4, atol=1e-4)
+    assert (scripted.image_size, scripted.resolution) == (32, resolution)
+
+
+def test_shipped_model_loads_and_has_the_input_contract():
+    model = export.load(train.CLASS_NAMES_FILE.parent.parent / "models" / "gtsrb.pt")
+    assert model.image_size == 32
+    assert model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).shape == (1, 43)
+
+
+def _asymmetric_batch(n=256):
+    x = torch.zeros(n, 3, 32, 32, dtype=torch.uint8)
+    x[..., :, :12] = 220  # a bright bar on the left
+    return x
+
+
+def test_augmentation_never_mirrors():
+    x = _asymmetric_batch()
+    y = TrainAugment()(x).float().mean((1, 2))  # column profile per image
+    left, right = y[:, :16].mean(1), y[:, 16:].mean(1)
+    assert (left > right).all(), "an augmented image has its bright side on the right: mirrored"
+
+
+def test_augmentation_draws_per_sample_parameters_and_keeps_dtype():
+    x = _asymmetric_batch(64)
+    y = TrainAugment()(x)
+    assert y.dtype == torch.uint8 and y.shape == x.shape
+    assert len({img.numpy().tobytes() for img in y}) == 64, "samples of a batch share augmentation parameters"
+
+
+def test_augmentation_with_everything_off_is_identity():
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    aug = TrainAugment(degrees=0, translate=0, scale=(1, 1), shear=0, color_jitter=0, blur_p=0, erase_p=0)
+    torch.testing.assert_close(aug(x), x, atol=1, rtol=0)
+
+
+def test_eval_preset_is_whole_frame_resize_to_32():
+    from PIL import Image
+
+    img = Image.new("RGB", (100, 50), (255, 0, 0))
+    out = EvalPreset()(img)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.uint8 and out[0].min() == 255

@@ -1,0 +1,139 @@
+"""Start TorchServe with the project's archive and config, wait until the model is READY, stop it.
+
+    python -m tools.torchserve_ctl start [--config config.properties] [--timeout 120]
+    python -m tools.torchserve_ctl stop
+
+TorchServe's /ping answers "Healthy" even when the model failed to load, so readiness is read from
+the management API: the model's workers must be READY. Tests and benchmarks use the same functions.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "gtsrb"
+
+
+def java_major() -> int | None:
+    java = shutil.which("java")
+    if not java:
+        return None
+    out = subprocess.run([java, "-version"], capture_output=True, text=True).stderr
+    m = re.search(r'version "(\d+)(?:\.(\d+))?', out)
+    if not m:
+        return None
+    major = int(m.group(1))
+    return int(m.group(2)) if major == 1 else major  # "1.8.0" is Java 8
+
+
+def check_java() -> None:
+    major = java_major()
+    if major is None or major < 11:
+        sys.exit(
+            f"TorchServe needs Java 11 or newer (found: {major or 'none'}).\n"
+            "  Debian/Ubuntu: sudo apt-get install -y openjdk-17-jre-headless\n"
+            "  macOS:         brew install openjdk@17"
+        )
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    props = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            k, v = line.split("=", 1)
+            props[k.strip()] = v.strip()
+    return props
+
+
+def model_status(management: str, model: str = MODEL) -> dict:
+    """{'ready': bool, 'workers': [...]} from the management API; not ready if it cannot be reached."""
+    try:
+        with urllib.request.urlopen(f"{management}/models/{model}", timeout=2) as r:
+            desc = json.loads(r.read())[0]
+    except (urllib.error.URLError, OSError, ValueError, IndexError):
+        return {"ready": False, "workers": []}
+    workers = desc.get("workers", [])
+    return {"ready": bool(workers) and all(w.get("status") == "READY" for w in workers), "workers": workers}
+
+
+def wait_ready(management: str, timeout: float, model: str = MODEL, proc: subprocess.Popen | None = None) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = model_status(management, model)
+        if status["ready"]:
+            return status
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"TorchServe exited with code {proc.returncode}")
+        time.sleep(0.1)
+    raise TimeoutError(f"model {model!r} not READY after {timeout:.0f}s: {model_status(management, model)['workers']}")
+
+
+def _env(log_dir: Path, tmpdir: Path | None) -> dict:
+    env = {**os.environ, "LOG_LOCATION": str(log_dir), "METRICS_LOCATION": str(log_dir)}
+    if tmpdir is not None:  # TorchServe keeps its pid file in the temp dir: one dir per instance
+        tmpdir.mkdir(parents=True, exist_ok=True)
+        env["TMPDIR"] = str(tmpdir)
+    return env
+
+
+def start(
+    config: Path, model_store: Path, log_dir: Path, tmpdir: Path | None = None, foreground: bool = False
+) -> subprocess.Popen:
+    """Launch TorchServe; returns the launcher process (with foreground=True, the server itself)."""
+    check_java()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        "torchserve", "--start", "--ncs", "--disable-token-auth",
+        "--ts-config", str(config), "--model-store", str(model_store), "--models", f"{MODEL}={MODEL}.mar",
+    ]  # fmt: skip
+    if foreground:
+        cmd.append("--foreground")
+    with open(log_dir / "torchserve.out", "w") as out:
+        return subprocess.Popen(cmd, cwd=log_dir, env=_env(log_dir, tmpdir), stdout=out, stderr=subprocess.STDOUT)
+
+
+def stop(log_dir: Path, tmpdir: Path | None = None) -> None:
+    subprocess.run(["torchserve", "--stop"], capture_output=True, env=_env(log_dir, tmpdir), timeout=60)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("--config", type=Path, default=ROOT / "config.properties")
+    p.add_argument("--model-store", type=Path, default=ROOT / "model_store")
+    p.add_argument("--log-dir", type=Path, default=ROOT / "logs")
+    p.add_argument("--timeout", type=float, default=120)
+    args = p.parse_args()
+    props = read_properties(args.config)
+    management = props.get("management_address", "http://127.0.0.1:8081")
+    if args.action == "stop":
+        stop(args.log_dir)
+        return
+    if args.action == "status":
+        print(json.dumps(model_status(management), indent=1))
+        return
+    if not (args.model_store / f"{MODEL}.mar").exists():
+        sys.exit(f"{args.model_store / (MODEL + '.mar')} is missing: run `make archive` first")
+    t0 = time.monotonic()
+    start(args.config.resolve(), args.model_store.resolve(), args.log_dir.resolve())
+    try:
+        status = wait_ready(management, args.timeout)
+    except (TimeoutError, RuntimeError) as e:
+        sys.exit(f"{e}\nSee {args.log_dir}/model_log.log and {args.log_dir}/ts_log.log")
+    inference = props.get("inference_address", "http://127.0.0.1:8080")
+    print(f"{MODEL} READY ({len(status['workers'])} workers) in {time.monotonic() - t0:.1f}s")
+    print(f"  curl -T sign.png {inference}/predictions/{MODEL}")
+
+
+if __name__ == "__main__":
+    main()

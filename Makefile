@@ -34,12 +34,8 @@ evaluate: $(VENV)/.dev ## top-1, macro-F1 and worst classes of MODEL on DATA/SPL
 export: $(VENV)/.dev ## re-export models/gtsrb.pt from a checkpoint (CKPT=runs/gtsrb/best.pth)
 	$(PY) -m training.export --checkpoint $(or $(CKPT),runs/gtsrb/best.pth) --output models/gtsrb.pt
 
-model_store/gtsrb.mar: $(VENV)/.serve models/gtsrb.pt handler/*.py handler/*.json handler/model-config.yaml training/presets.py
-	mkdir -p model_store
-	$(BIN)/torch-model-archiver --force --model-name gtsrb --version 1.0 --export-path model_store \
-	  --serialized-file models/gtsrb.pt --handler handler/gtsrb_handler.py \
-	  --extra-files handler/image_input.py,training/presets.py,handler/index_to_name.json \
-	  --config-file handler/model-config.yaml
+model_store/gtsrb.mar: $(VENV)/.serve models/gtsrb.pt handler/* training/presets.py tools/archive.py
+	$(PY) -m tools.archive
 
 archive: model_store/gtsrb.mar ## pack model_store/gtsrb.mar (model + handler + class names + config)
 

@@ -1,0 +1,172 @@
+"""End to end: the real archive served by a real TorchServe (Java) on free ports, real HTTP."""
+
+import base64
+import io
+import json
+import socket
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import pytest
+import requests
+from PIL import Image
+
+from tests.conftest import ROOT
+from tools import archive, torchserve_ctl
+
+pytestmark = pytest.mark.e2e
+NAMES = json.loads((ROOT / "handler" / "index_to_name.json").read_text())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def processes_under(path) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(str(path) in part for part in p.info["cmdline"] or []):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("ts")
+    store = base / "model_store"
+    archive.build(export_path=store)
+    ports = {k: free_port() for k in ("inference", "management", "metrics", "grpc_inference", "grpc_management")}
+    settings = {f"{k}_address": f"http://127.0.0.1:{p}" for k, p in ports.items() if not k.startswith("grpc")}
+    settings |= {"grpc_inference_port": ports["grpc_inference"], "grpc_management_port": ports["grpc_management"]}
+    lines = (ROOT / "config.properties").read_text().splitlines()
+    for key, value in settings.items():
+        i = next(n for n, line in enumerate(lines) if line.startswith(f"{key}="))
+        lines[i] = f"{key}={value}"
+    (base / "config.properties").write_text("\n".join(lines) + "\n")
+    urls = {k: settings[f"{k}_address"] for k in ("inference", "management", "metrics")}
+    proc = torchserve_ctl.start(base / "config.properties", store, base / "logs", tmpdir=base / "tmp", foreground=True)
+    try:
+        torchserve_ctl.wait_ready(urls["management"], timeout=180, proc=proc)
+        yield urls
+    finally:
+        torchserve_ctl.stop(base / "logs", tmpdir=base / "tmp")
+        proc.wait(timeout=60)
+        leftovers = processes_under(base)
+        for p in leftovers:
+            p.kill()
+        assert not leftovers, f"processes left behind: {[p.info['cmdline'] for p in leftovers]}"
+
+
+def predict(url, **kw) -> requests.Response:
+    return requests.post(f"{url}/predictions/gtsrb", timeout=30, **kw)
+
+
+def png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def worker_pids(server) -> set[int]:
+    desc = requests.get(f"{server['management']}/models/gtsrb", timeout=5).json()[0]
+    assert all(w["status"] == "READY" for w in desc["workers"])
+    return {w["pid"] for w in desc["workers"]}
+
+
+def test_real_signs_raw_and_multipart(server, real_signs):
+    for path, cls in real_signs:
+        raw = requests.put(f"{server['inference']}/predictions/gtsrb", data=path.read_bytes(), timeout=30)  # curl -T
+        assert raw.status_code == 200, raw.text
+        body = raw.json()
+        assert len(body) == 5 and next(iter(body)) == NAMES[str(cls)]
+        big = Image.open(path).resize((128, 128), Image.BICUBIC)
+        form = predict(server["inference"], files={"data": ("sign.png", png(big), "image/png")})
+        assert form.status_code == 200 and next(iter(form.json())) == NAMES[str(cls)]
+
+
+def test_base64_json(server, real_signs):
+    path, cls = real_signs[0]
+    r = predict(server["inference"], json={"data": base64.b64encode(path.read_bytes()).decode()})
+    assert r.status_code == 200 and next(iter(r.json())) == NAMES[str(cls)]
+
+
+def bomb_png() -> bytes:
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, status",
+    [
+        ("empty", {"data": b"", "headers": {"Content-Type": "application/octet-stream"}}, 400),
+        ("text", {"data": "hello", "headers": {"Content-Type": "text/plain"}}, 400),
+        ("random bytes", {"data": bytes(range(256)) * 8, "headers": {"Content-Type": "application/octet-stream"}}, 400),
+        ("json without data", {"json": {"image": "x"}}, 400),
+        ("broken json", {"data": b'{"data": ', "headers": {"Content-Type": "application/json"}}, 400),
+        ("bad base64", {"json": {"data": "***"}}, 400),
+        ("bomb header", {"data": bomb_png(), "headers": {"Content-Type": "image/png"}}, 413),
+    ],
+)
+def test_bad_input_is_a_4xx_json_error(server, name, kwargs, status):
+    r = predict(server["inference"], **kwargs)
+    assert r.status_code == status, (name, r.status_code, r.text)
+    body = r.json()
+    assert body["code"] == status and body["message"], body
+
+
+def test_truncated_image(server, real_signs):
+    data = png(Image.open(real_signs[0][0]).resize((64, 64)))
+    r = predict(server["inference"], data=data[: len(data) // 2], headers={"Content-Type": "image/png"})
+    assert r.status_code == 400 and "truncated" in r.json()["message"]
+
+
+def test_body_over_the_size_limit_is_refused(server):
+    r = predict(server["inference"], data=b"\0" * (17 * 1024 * 1024), headers={"Content-Type": "image/png"})
+    assert r.status_code == 413
+
+
+def test_mixed_concurrent_traffic_keeps_workers_alive(server, real_signs):
+    before = worker_pids(server)
+    good = [(p.read_bytes(), NAMES[str(c)]) for p, c in real_signs]
+    jobs = []
+    for i in range(96):
+        if i % 3 == 2:
+            jobs.append((b"not an image %d" % i, None))
+        else:
+            jobs.append(good[i % len(good)])
+
+    def send(job):
+        data, expected = job
+        r = predict(server["inference"], data=data, headers={"Content-Type": "application/octet-stream"})
+        return r.status_code, r.json(), expected
+
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(send, jobs))
+    for status, body, expected in results:
+        if expected is None:
+            assert status == 400 and body["type"] == "InvalidImage"
+        else:
+            assert status == 200 and next(iter(body)) == expected
+    assert worker_pids(server) == before, "a worker died"
+
+
+def test_model_registration_is_disabled(server):
+    r = requests.post(f"{server['management']}/models", params={"url": "https://example.com/evil.mar"}, timeout=10)
+    assert r.status_code in (400, 403, 405), r.text
+    assert worker_pids(server)
+
+
+def test_prometheus_metrics(server, real_signs):
+    predict(server["inference"], data=real_signs[0][0].read_bytes())
+    text = requests.get(f"{server['metrics']}/metrics", timeout=10).text
+    assert "ts_inference_requests_total" in text

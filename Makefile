@@ -52,7 +52,12 @@ test: $(VENV)/.dev ## lint and run the whole test suite (starts a real TorchServ
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 	PATH=$(BIN):$$PATH $(BIN)/pytest
 
+bench: $(VENV)/.dev ## serving benchmark -> BENCHMARKS.md (ours vs stock TorchServe vs FastAPI; needs wrk; BENCH_ARGS=--quick)
+	$(PY) -m pip install -q -r requirements/bench.txt
+	@command -v wrk >/dev/null || echo "wrk is missing: apt-get install -y wrk (bench.bench tries that itself when run as root)"
+	PATH=$(BIN):$$PATH $(PY) -m bench.bench $(BENCH_ARGS)
+
 lint: $(VENV)/.dev ## ruff lint and format check
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
-.PHONY: help install train evaluate export archive serve stop predict test lint
+.PHONY: help install train evaluate export archive serve stop predict test lint bench

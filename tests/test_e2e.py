@@ -3,7 +3,6 @@
 import base64
 import io
 import json
-import socket
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -18,12 +17,6 @@ from tools import archive, torchserve_ctl
 
 pytestmark = pytest.mark.e2e
 NAMES = json.loads((ROOT / "handler" / "index_to_name.json").read_text())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def processes_under(path) -> list[psutil.Process]:
@@ -42,15 +35,9 @@ def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("ts")
     store = base / "model_store"
     archive.build(export_path=store)
-    ports = {k: free_port() for k in ("inference", "management", "metrics", "grpc_inference", "grpc_management")}
-    settings = {f"{k}_address": f"http://127.0.0.1:{p}" for k, p in ports.items() if not k.startswith("grpc")}
-    settings |= {"grpc_inference_port": ports["grpc_inference"], "grpc_management_port": ports["grpc_management"]}
-    lines = (ROOT / "config.properties").read_text().splitlines()
-    for key, value in settings.items():
-        i = next(n for n, line in enumerate(lines) if line.startswith(f"{key}="))
-        lines[i] = f"{key}={value}"
-    (base / "config.properties").write_text("\n".join(lines) + "\n")
-    urls = {k: settings[f"{k}_address"] for k in ("inference", "management", "metrics")}
+    urls = torchserve_ctl.write_config(
+        ROOT / "config.properties", base / "config.properties", torchserve_ctl.free_ports()
+    )
     proc = torchserve_ctl.start(base / "config.properties", store, base / "logs", tmpdir=base / "tmp", foreground=True)
     try:
         torchserve_ctl.wait_ready(urls["management"], timeout=180, proc=proc)
@@ -166,7 +153,30 @@ def test_model_registration_is_disabled(server):
     assert worker_pids(server)
 
 
-def test_prometheus_metrics(server, real_signs):
-    predict(server["inference"], data=real_signs[0][0].read_bytes())
-    text = requests.get(f"{server['metrics']}/metrics", timeout=10).text
-    assert "ts_inference_requests_total" in text
+def _metric(text: str, name: str, **labels) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_prometheus_metrics_move_with_traffic(server, real_signs):
+    def scrape():
+        return requests.get(f"{server['metrics']}/metrics", timeout=10).text
+
+    path, cls = real_signs[0]
+    before = scrape()
+    for _ in range(3):
+        assert predict(server["inference"], data=path.read_bytes()).status_code == 200
+    assert predict(server["inference"], data=b"junk", headers={"Content-Type": "image/png"}).status_code == 400
+    after = scrape()
+    name = NAMES[str(cls)]
+    assert (
+        _metric(after, "GTSRBPredictedClass", ClassName=name) - _metric(before, "GTSRBPredictedClass", ClassName=name)
+        == 3
+    )
+    for outcome, n in (("predicted", 3), ("bad_input", 1)):
+        assert _metric(after, "GTSRBRequests", Outcome=outcome) - _metric(before, "GTSRBRequests", Outcome=outcome) == n
+    assert _metric(after, "GTSRBConfidence") - _metric(before, "GTSRBConfidence") == 3
+    assert _metric(after, "ts_inference_requests_total") - _metric(before, "ts_inference_requests_total") == 4

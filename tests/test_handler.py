@@ -4,7 +4,6 @@ import base64
 import io
 import json
 import shutil
-import uuid
 
 import numpy as np
 import pytest
@@ -12,9 +11,16 @@ import torch
 import yaml
 from PIL import Image
 from ts.context import Context, RequestProcessor
-from ts.metrics.metrics_store import MetricsStore
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from tests.conftest import MODEL, ROOT
+
+
+def metrics_cache() -> MetricsCacheYamlImpl:
+    cache = MetricsCacheYamlImpl(config_file_path=str(ROOT / "metrics.yaml"))
+    cache.initialize_cache()
+    cache.model_name = "gtsrb"  # as TorchServe's model loader sets it
+    return cache
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +32,7 @@ def handler(tmp_path_factory):
     shutil.copy(ROOT / "handler" / "index_to_name.json", model_dir)
     cfg = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())
     ctx = Context("gtsrb", str(model_dir), {"model": {"serializedFile": "gtsrb.pt"}}, 8, None, "0.12.0",
-                  metrics=MetricsStore(uuid.uuid4(), "gtsrb"), model_yaml_config=cfg)  # fmt: skip
+                  metrics=metrics_cache(), model_yaml_config=cfg)  # fmt: skip
     h = GTSRBHandler()
     h.initialize(ctx)
     return h
@@ -34,8 +40,10 @@ def handler(tmp_path_factory):
 
 def run(handler, rows):
     """handle() a batch; returns [(status, parsed JSON body)] per request."""
-    ctx = Context("gtsrb", "", {}, len(rows), None, "0.12.0", metrics=MetricsStore(uuid.uuid4(), "gtsrb"))
+    ctx = Context("gtsrb", "", {}, len(rows), None, "0.12.0", metrics=metrics_cache())
     ctx.request_processor = [RequestProcessor({}) for _ in rows]
+    ctx.request_ids = {i: f"request-{i}" for i in range(len(rows))}
+    ctx.metrics.set_request_ids(ctx.request_ids)
     out = handler.handle(rows, ctx)
     assert len(out) == len(rows)
     return [(ctx.request_processor[i].get_response_status_code(), json.loads(o)) for i, o in enumerate(out)]
@@ -194,3 +202,22 @@ def test_handler_preprocessing_is_the_training_preprocessing(handler, real_signs
     assert not errors
     assert served.shape == trained.shape == (len(files), 3, 32, 32)
     assert torch.equal(served, trained)
+
+
+def test_metrics_count_outcomes_classes_and_confidence(handler, stop_sign, caplog):
+    good = {"body": encode(stop_sign, "PNG")}
+    blank = {"body": encode(Image.new("RGB", (32, 32), (128, 128, 128)), "PNG")}  # no sign: low confidence
+    with caplog.at_level("INFO"):
+        results = run(handler, [good, {"body": b"junk"}, good, blank, {"body": png_header_only(60000, 60000)}])
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[METRICS]GTSRB")]
+    text = "\n".join(lines)
+    assert "[METRICS]GTSRBRequests.Count:3|#ModelName:gtsrb,Outcome:predicted" in text
+    assert "[METRICS]GTSRBRequests.Count:1|#ModelName:gtsrb,Outcome:bad_input" in text
+    assert "[METRICS]GTSRBRequests.Count:1|#ModelName:gtsrb,Outcome:too_large" in text
+    assert "GTSRBPredictedClass.Count:2|#ModelName:gtsrb,ClassName:Stop" in text
+    assert sum(int(x.split(":")[1].split("|")[0]) for x in lines if x.startswith("[METRICS]GTSRBConfidence")) == 3
+    low = [x for x in lines if x.startswith("[METRICS]GTSRBLowConfidence")]
+    blank_p = next(iter(results[3][1].values()))
+    assert bool(low) == (blank_p < 0.5)
+    assert any(x.startswith("[METRICS]GTSRBPreprocessTime.Milliseconds:") for x in lines)
+    assert any(x.startswith("[METRICS]GTSRBInferenceTime.Milliseconds:") for x in lines)

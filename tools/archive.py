@@ -13,6 +13,7 @@ HANDLER = ROOT / "handler" / "gtsrb_handler.py"
 # Copied flat into the archive root and imported there as top-level modules.
 EXTRA_FILES = [
     ROOT / "handler" / "image_input.py",
+    ROOT / "handler" / "serving_metrics.py",
     ROOT / "training" / "presets.py",
     ROOT / "handler" / "index_to_name.json",
 ]

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -55,6 +56,39 @@ def read_properties(path: Path) -> dict[str, str]:
     return props
 
 
+PORT_NAMES = ("inference", "management", "metrics", "grpc_inference", "grpc_management")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_ports() -> dict[str, int]:
+    """One free loopback port for each listener in PORT_NAMES (gRPC cannot be switched off in 0.12)."""
+    return {k: free_port() for k in PORT_NAMES}
+
+
+def write_config(src: Path | None, dst: Path, ports: dict[str, int], extra: dict | None = None) -> dict[str, str]:
+    """Write ``dst``: a copy of the config.properties ``src`` (None: an empty one) with every listener moved
+    to ``ports`` (keys: PORT_NAMES) and the ``extra`` settings; a key the file lacks is appended.
+    Returns the HTTP urls {"inference", "management", "metrics"}."""
+    http = ("inference", "management", "metrics")
+    settings = {f"{k}_address": f"http://127.0.0.1:{ports[k]}" for k in http}
+    settings |= {"grpc_inference_port": ports["grpc_inference"], "grpc_management_port": ports["grpc_management"]}
+    settings |= extra or {}
+    lines = Path(src).read_text().splitlines() if src else []
+    for key, value in settings.items():
+        i = next((n for n, line in enumerate(lines) if line.startswith(f"{key}=")), None)
+        if i is None:
+            lines.append(f"{key}={value}")
+        else:
+            lines[i] = f"{key}={value}"
+    Path(dst).write_text("\n".join(lines) + "\n")
+    return {k: settings[f"{k}_address"] for k in http}
+
+
 def model_status(management: str, model: str = MODEL) -> dict:
     """{'ready': bool, 'workers': [...]} from the management API; not ready if it cannot be reached."""
     try:
@@ -80,9 +114,13 @@ def wait_ready(management: str, timeout: float, model: str = MODEL, proc: subpro
 
 def _env(log_dir: Path, tmpdir: Path | None) -> dict:
     env = {**os.environ, "LOG_LOCATION": str(log_dir), "METRICS_LOCATION": str(log_dir)}
+    env.setdefault("TS_METRICS_CONFIG", str(ROOT / "metrics.yaml"))  # declares the handler's metrics
     if tmpdir is not None:  # TorchServe keeps its pid file in the temp dir: one dir per instance
         tmpdir.mkdir(parents=True, exist_ok=True)
         env["TMPDIR"] = str(tmpdir)
+        # The workers' unix sockets are java.io.tmpdir/.ts.sock.<9000+i>, /tmp by default: two instances
+        # would share them. The launcher passes $TEMP as -Djava.io.tmpdir.
+        env["TEMP"] = str(tmpdir)
     return env
 
 

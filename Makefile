@@ -60,4 +60,7 @@ bench: $(VENV)/.dev ## serving benchmark -> BENCHMARKS.md (ours vs stock TorchSe
 lint: $(VENV)/.dev ## ruff lint and format check
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
-.PHONY: help install train evaluate export archive serve stop predict test lint bench
+.PHONY: help install train evaluate export archive serve stop predict test lint bench drift-report
+
+drift-report: $(VENV)/.dev ## compare recent served inputs (logs/gtsrb_inputs.jsonl*) with the training reference
+	$(PY) -m tools.drift_report

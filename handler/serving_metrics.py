@@ -1,11 +1,17 @@
-"""The handler's Prometheus metrics (declared in metrics.yaml: TorchServe drops undeclared ones).
+"""What the handler reports for monitoring: Prometheus metrics and the input-statistics log.
 
-Counts are aggregated per batch, so a batch emits a few metric lines, not several per request.
+Metrics are declared in metrics.yaml (TorchServe drops undeclared ones) and aggregated per batch, so a
+batch emits a few metric lines, not several per request. The input log holds light statistics of each
+served image (never the image) for tools/drift_report.py, in a bounded, rotating JSON-lines file.
 Copied into the model archive as a top-level module.
 """
 
+import json
 import logging
+import logging.handlers
+import time
 from collections import Counter
+from pathlib import Path
 
 from ts.metrics.metric_cache_errors import MetricsCacheKeyError
 from ts.metrics.metric_type_enum import MetricTypes
@@ -54,3 +60,25 @@ class HandlerMetrics:
         self.m["GTSRBPreprocessTime"].add_or_update(round(preprocess_ms, 3), [name])
         if top1:
             self.m["GTSRBInferenceTime"].add_or_update(round(inference_ms, 3), [name])
+
+
+class InputLog:
+    """Rotating JSON lines: {t, w, h, stats, class, p} per successfully classified request."""
+
+    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.logger = logging.getLogger(f"gtsrb.inputs.{path}")
+        self.logger.propagate = False
+        self.logger.setLevel(logging.INFO)
+        if not self.logger.handlers:
+            handler = logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            self.logger.addHandler(handler)
+
+    def write(
+        self, sizes: list[tuple[int, int]], stats: list[list[float]], classes: list[int], probs: list[float]
+    ) -> None:
+        now = round(time.time(), 3)
+        for (w, h), st, c, p in zip(sizes, stats, classes, probs):
+            row = {"t": now, "w": w, "h": h, "stats": [round(v, 5) for v in st], "class": c, "p": round(p, 5)}
+            self.logger.info(json.dumps(row, separators=(",", ":")))

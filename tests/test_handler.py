@@ -27,6 +27,10 @@ def metrics_cache() -> MetricsCacheYamlImpl:
 def handler(tmp_path_factory):
     from gtsrb_handler import GTSRBHandler
 
+    log_dir = tmp_path_factory.mktemp("logs")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LOG_LOCATION", str(log_dir))
+
     model_dir = tmp_path_factory.mktemp("model")
     shutil.copy(MODEL, model_dir / "gtsrb.pt")
     shutil.copy(ROOT / "handler" / "index_to_name.json", model_dir)
@@ -35,7 +39,9 @@ def handler(tmp_path_factory):
                   metrics=metrics_cache(), model_yaml_config=cfg)  # fmt: skip
     h = GTSRBHandler()
     h.initialize(ctx)
-    return h
+    h.log_dir = log_dir
+    yield h
+    mp.undo()
 
 
 def run(handler, rows):
@@ -198,8 +204,9 @@ def test_handler_preprocessing_is_the_training_preprocessing(handler, real_signs
         files.append(folder / f"00000_{i:05d}.ppm")
         img.save(files[-1])
     trained = gdata.load_tensors(gdata.gtsrb(str(tmp_path), "train"))["images"]
-    served, errors = handler.preprocess([{"body": f.read_bytes()} for f in files])
-    assert not errors
+    batch = handler.preprocess([{"body": f.read_bytes()} for f in files])
+    assert not batch["errors"]
+    served = batch["images"]
     assert served.shape == trained.shape == (len(files), 3, 32, 32)
     assert torch.equal(served, trained)
 
@@ -221,3 +228,14 @@ def test_metrics_count_outcomes_classes_and_confidence(handler, stop_sign, caplo
     assert bool(low) == (blank_p < 0.5)
     assert any(x.startswith("[METRICS]GTSRBPreprocessTime.Milliseconds:") for x in lines)
     assert any(x.startswith("[METRICS]GTSRBInferenceTime.Milliseconds:") for x in lines)
+
+
+def test_input_statistics_are_logged_never_images(handler, stop_sign):
+    log = handler.log_dir / "gtsrb_inputs.jsonl"
+    before = log.read_text().splitlines() if log.exists() else []
+    run(handler, [{"body": encode(stop_sign, "PNG")}, {"body": b"junk"}])
+    new = log.read_text().splitlines()[len(before) :]
+    assert len(new) == 1
+    row = json.loads(new[0])
+    assert (row["w"], row["h"]) == stop_sign.size and len(row["stats"]) == 7
+    assert row["class"] == 14 and 0 < row["p"] <= 1

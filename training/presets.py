@@ -120,3 +120,20 @@ class TrainAugment:
             x = x.masked_fill(m.unsqueeze(1), 0.0)
 
         return x.clamp_(0, 255).round_().to(torch.uint8)
+
+
+# Light per-image statistics for input-drift monitoring (tools/drift_report.py): computed on the
+# EvalPreset tensor, the same way for the training reference and for served requests. Never the image.
+STAT_NAMES = ("brightness", "contrast", "red", "green", "blue", "saturation", "sharpness")
+
+
+def image_stats(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 3, S, S] -> float [N, len(STAT_NAMES)], values in [0, 1]-ish units."""
+    x = x.float() / 255
+    gray = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+    rgb = x.mean((2, 3))
+    sat = (x.amax(1) - x.amin(1)).mean((1, 2))
+    lap = (
+        4 * gray[:, 1:-1, 1:-1] - gray[:, :-2, 1:-1] - gray[:, 2:, 1:-1] - gray[:, 1:-1, :-2] - gray[:, 1:-1, 2:]
+    ).abs()
+    return torch.stack([gray.mean((1, 2)), gray.std((1, 2)), rgb[:, 0], rgb[:, 1], rgb[:, 2], sat, lap.mean((1, 2))], 1)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
+from tools.drift_report import build_reference
 from training import data as gdata
 from training import export, metrics
 from training.model import ARCH, create_model
@@ -283,9 +284,13 @@ def main(args) -> dict:
         metrics.plot_confusion(s, out / "confusion.png", f"validation (held-out tracks), top-1 {s['top1']:.2%}")
         log.info("exported model on validation tracks: " + metrics.format_summary(s))
     metrics.write_json(result, out / "metrics.json")
+    # Input-drift reference (tools/drift_report.py): statistics of the images this model was trained on.
+    reference = build_reference(d["images"][train_idx], d["labels"][train_idx], gdata.NUM_CLASSES)
+    (out / "reference.json").write_text(json.dumps(reference) + "\n")
     if args.export:
         Path(args.export).parent.mkdir(parents=True, exist_ok=True)
         Path(args.export).write_bytes(model_path.read_bytes())
+        Path(args.export).with_name(Path(args.export).stem + "_reference.json").write_text(json.dumps(reference) + "\n")
     log.info(f"done in {wall / 60:.1f} min: {model_path} ({os.path.getsize(model_path) / 1e6:.1f} MB)")
     return result
 

@@ -3,8 +3,6 @@
 import base64
 import io
 import json
-import struct
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import psutil
@@ -13,6 +11,7 @@ import requests
 from PIL import Image
 
 from tests.conftest import ROOT
+from tests.corpus import SAME_PREDICTION, hostile_bodies, odd_images, png_header_only
 from tools import archive, torchserve_ctl
 
 pytestmark = pytest.mark.e2e
@@ -84,14 +83,6 @@ def test_base64_json(server, real_signs):
     assert r.status_code == 200 and next(iter(r.json())) == NAMES[str(cls)]
 
 
-def bomb_png() -> bytes:
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-
-
 @pytest.mark.parametrize(
     "name, kwargs, status",
     [
@@ -101,7 +92,7 @@ def bomb_png() -> bytes:
         ("json without data", {"json": {"image": "x"}}, 400),
         ("broken json", {"data": b'{"data": ', "headers": {"Content-Type": "application/json"}}, 400),
         ("bad base64", {"json": {"data": "***"}}, 400),
-        ("bomb header", {"data": bomb_png(), "headers": {"Content-Type": "image/png"}}, 413),
+        ("bomb header", {"data": png_header_only(60000, 60000), "headers": {"Content-Type": "image/png"}}, 413),
     ],
 )
 def test_bad_input_is_a_4xx_json_error(server, name, kwargs, status):
@@ -180,3 +171,39 @@ def test_prometheus_metrics_move_with_traffic(server, real_signs):
         assert _metric(after, "GTSRBRequests", Outcome=outcome) - _metric(before, "GTSRBRequests", Outcome=outcome) == n
     assert _metric(after, "GTSRBConfidence") - _metric(before, "GTSRBConfidence") == 3
     assert _metric(after, "ts_inference_requests_total") - _metric(before, "ts_inference_requests_total") == 4
+
+
+def worker_rss_mb(server) -> float:
+    return sum(psutil.Process(pid).memory_info().rss for pid in worker_pids(server)) / 2**20
+
+
+def test_hostile_corpus_concurrently_nothing_dies(server, real_signs):
+    """Odd-but-valid images get predictions, hostile bodies their 4xx; fired together so that they share
+    batches. Afterwards the same workers serve, with memory back near where it was."""
+    path, cls = next((p, c) for p, c in real_signs if c == 14)
+    sign = Image.open(path).convert("RGB").resize((96, 96), Image.BICUBIC)
+    valid, hostile = odd_images(sign, large=True), hostile_bodies(sign)
+    pids, rss_before = worker_pids(server), worker_rss_mb(server)
+    valid["base64 json"] = json.dumps({"data": base64.b64encode(valid["ppm"]).decode()}).encode()
+    jobs = [(name, body, 200, None) for name, body in valid.items()]
+    jobs += [(name, body, status, kind) for name, (body, status, kind) in hostile.items()]
+    assert len(jobs) >= 30
+    jobs = jobs * 4
+
+    def send(job):
+        name, body, status, kind = job
+        r = predict(server["inference"], data=body, headers={"Content-Type": "application/octet-stream"})
+        return job, r.status_code, r.json()
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(send, jobs))
+    for (name, _, status, kind), got, body in results:
+        assert got == status, (name, got, body)
+        if status == 200:
+            assert len(body) == 5, name
+            if name in SAME_PREDICTION:
+                assert next(iter(body)) == NAMES[str(cls)], name
+        else:
+            assert body["type"] == kind and body["message"], (name, body)
+    assert worker_pids(server) == pids, "a worker died"
+    assert worker_rss_mb(server) < rss_before * 1.25 + 50, "worker memory did not come back"

@@ -1,11 +1,9 @@
 """The handler without Java: a real ts.context.Context, the shipped model, images made in memory."""
 
 import base64
-import io
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -14,6 +12,7 @@ from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from tests.conftest import MODEL, ROOT
+from tests.corpus import SAME_PREDICTION, encode, hostile_bodies, odd_images, png_header_only
 
 
 def metrics_cache() -> MetricsCacheYamlImpl:
@@ -55,24 +54,6 @@ def run(handler, rows):
     return [(ctx.request_processor[i].get_response_status_code(), json.loads(o)) for i, o in enumerate(out)]
 
 
-def png_header_only(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims width x height (a decompression bomb's calling card)."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-
-
-def encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def stop_sign(real_signs) -> Image.Image:
     path = next(p for p, c in real_signs if c == 14)
@@ -112,41 +93,14 @@ def test_real_signs_are_classified(handler, real_signs):
     assert top1 == [names[str(c)] for _, c in real_signs]
 
 
-def _odd_images(sign: Image.Image) -> dict[str, bytes]:
-    gray16 = Image.fromarray(np.asarray(sign.convert("L"), dtype=np.uint16) * 257)
-    rgba = sign.convert("RGBA")
-    rgba.putalpha(Image.new("L", sign.size, 255))
-    exif = Image.Exif()
-    exif[0x0112] = 6  # rotated 90 degrees
-    frames = [sign, sign.rotate(30)]
-    return {
-        "L png": encode(sign.convert("L"), "PNG"),
-        "LA png": encode(sign.convert("LA"), "PNG"),
-        "P png": encode(sign.convert("P"), "PNG"),
-        "P transparent gif": encode(sign.convert("P"), "GIF", transparency=0),
-        "RGBA png": encode(rgba, "PNG"),
-        "1-bit bmp": encode(sign.convert("1"), "BMP"),
-        "16-bit png": encode(gray16, "PNG"),
-        "CMYK jpeg": encode(sign.convert("CMYK"), "JPEG"),
-        "EXIF-rotated jpeg": encode(sign.rotate(90, expand=True), "JPEG", exif=exif),
-        "animated gif": encode(frames[0], "GIF", save_all=True, append_images=frames[1:]),
-        "webp": encode(sign, "WEBP"),
-        "tiff": encode(sign, "TIFF"),
-        "ppm": encode(sign, "PPM"),
-        "1x1": encode(sign.resize((1, 1)), "PNG"),
-        "1000x8": encode(sign.resize((1000, 8)), "PNG"),
-        "float tiff": encode(Image.fromarray(np.asarray(sign.convert("L"), dtype=np.float32)), "TIFF"),
-    }
-
-
 def test_odd_but_valid_images_get_predictions(handler, stop_sign):
-    images = _odd_images(stop_sign)
+    images = odd_images(stop_sign, large=True)
     results = run(handler, [{"body": b} for b in images.values()])
     for (name, _), (status, body) in zip(images.items(), results):
         assert status == 200 and len(body) == 5, (name, body)
     # Colour-preserving encodings of the sign still read as a stop sign (EXIF rotation undone).
     for name, (_, body) in zip(images, results):
-        if name in ("RGBA png", "CMYK jpeg", "EXIF-rotated jpeg", "webp", "tiff", "ppm"):
+        if name in SAME_PREDICTION:
             assert next(iter(body)) == "Stop", name
 
 
@@ -161,6 +115,13 @@ BAD = {
     "svg": ({"body": b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>'}, 400, "InvalidImage"),
     "pdf": ({"body": b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF"}, 400, "InvalidImage"),
 }
+
+
+def test_hostile_bodies_get_their_4xx(handler, stop_sign):
+    corpus = hostile_bodies(stop_sign)
+    results = run(handler, [{"body": body} for body, _, _ in corpus.values()])
+    for (name, (_, status, kind)), (got, body) in zip(corpus.items(), results):
+        assert (got, body["code"], body["type"]) == (status, status, kind), (name, body)
 
 
 @pytest.mark.parametrize("name", BAD)

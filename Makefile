@@ -57,10 +57,13 @@ bench: $(VENV)/.dev ## serving benchmark -> BENCHMARKS.md (ours vs stock TorchSe
 	@command -v wrk >/dev/null || echo "wrk is missing: apt-get install -y wrk (bench.bench tries that itself when run as root)"
 	PATH=$(BIN):$$PATH $(PY) -m bench.bench $(BENCH_ARGS)
 
+audit: $(VENV)/.dev ## pip-audit the installed, pinned packages against known vulnerabilities (see SECURITY.md)
+	$(BIN)/pip-audit --progress-spinner off
+
 lint: $(VENV)/.dev ## ruff lint and format check
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
-.PHONY: help install train evaluate export archive serve stop predict test lint bench drift-report
+.PHONY: help install train evaluate export archive serve stop predict test lint bench drift-report audit
 
 drift-report: $(VENV)/.dev ## compare recent served inputs (logs/gtsrb_inputs.jsonl*) with the training reference
 	$(PY) -m tools.drift_report

@@ -138,6 +138,15 @@ def test_mixed_concurrent_traffic_keeps_workers_alive(server, real_signs):
     assert worker_pids(server) == before, "a worker died"
 
 
+def test_every_listener_is_on_loopback(server):
+    """Management, metrics and gRPC are reachable from this host only (token auth is off by design)."""
+    port = int(server["management"].rsplit(":", 1)[1])
+    java = next(c for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port)
+    listening = [c.laddr for c in psutil.Process(java.pid).net_connections("tcp") if c.status == "LISTEN"]
+    loopback = ("127.0.0.1", "::ffff:127.0.0.1", "::1")  # IPv4 loopback, also as a v4-mapped IPv6 socket
+    assert len(listening) >= 5 and all(a.ip in loopback for a in listening), listening
+
+
 def test_model_registration_is_disabled(server):
     r = requests.post(f"{server['management']}/models", params={"url": "https://example.com/evil.mar"}, timeout=10)
     assert r.status_code in (400, 403, 405), r.text

@@ -3,7 +3,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 VENV ?= .venv
 PY := $(VENV)/bin/python
-BIN := $(VENV)/bin
+BIN := $(abspath $(VENV))/bin
 DATA ?= $(or $(GTSRB_ROOT),../shared/data)
 SPLIT ?= test
 MODEL ?= models/gtsrb.pt
@@ -63,7 +63,10 @@ audit: $(VENV)/.dev ## pip-audit the installed, pinned packages against known vu
 lint: $(VENV)/.dev ## ruff lint and format check
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
-.PHONY: help install train evaluate export archive serve stop predict test lint bench drift-report audit
+.PHONY: help install train evaluate export archive serve stop predict test lint bench drift-report audit soak
+
+soak: $(VENV)/.dev ## kill -9 a worker under load, overload the queue, 5 min at concurrency 64 -> RELIABILITY.md (needs wrk)
+	PATH=$(BIN):$$PATH $(PY) -m bench.soak $(SOAK_ARGS)
 
 drift-report: $(VENV)/.dev ## compare recent served inputs (logs/gtsrb_inputs.jsonl*) with the training reference
 	$(PY) -m tools.drift_report

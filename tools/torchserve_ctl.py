@@ -112,6 +112,12 @@ def wait_ready(management: str, timeout: float, model: str = MODEL, proc: subpro
     raise TimeoutError(f"model {model!r} not READY after {timeout:.0f}s: {model_status(management, model)['workers']}")
 
 
+def _torchserve() -> str:
+    """The launcher of this interpreter's environment (an absolute path: TorchServe runs in log_dir)."""
+    here = Path(sys.executable).parent / "torchserve"
+    return str(here) if here.exists() else (shutil.which("torchserve") or "torchserve")
+
+
 def _env(log_dir: Path, tmpdir: Path | None) -> dict:
     env = {**os.environ, "LOG_LOCATION": str(log_dir), "METRICS_LOCATION": str(log_dir)}
     env.setdefault("TS_METRICS_CONFIG", str(ROOT / "metrics.yaml"))  # declares the handler's metrics
@@ -131,7 +137,7 @@ def start(
     check_java()
     log_dir.mkdir(parents=True, exist_ok=True)
     cmd = [
-        "torchserve", "--start", "--ncs", "--disable-token-auth",
+        _torchserve(), "--start", "--ncs", "--disable-token-auth",
         "--ts-config", str(config), "--model-store", str(model_store), "--models", f"{MODEL}={MODEL}.mar",
     ]  # fmt: skip
     if foreground:
@@ -141,7 +147,7 @@ def start(
 
 
 def stop(log_dir: Path, tmpdir: Path | None = None) -> None:
-    subprocess.run(["torchserve", "--stop"], capture_output=True, env=_env(log_dir, tmpdir), timeout=60)
+    subprocess.run([_torchserve(), "--stop"], capture_output=True, env=_env(log_dir, tmpdir), timeout=60)
 
 
 def main() -> None:

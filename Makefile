@@ -58,7 +58,7 @@ bench: $(VENV)/.dev ## serving benchmark -> BENCHMARKS.md (ours vs stock TorchSe
 	PATH=$(BIN):$$PATH $(PY) -m bench.bench $(BENCH_ARGS)
 
 audit: $(VENV)/.dev ## pip-audit the installed, pinned packages against known vulnerabilities (see SECURITY.md)
-	$(BIN)/pip-audit --progress-spinner off
+	$(PY) -m tools.audit
 
 lint: $(VENV)/.dev ## ruff lint and format check
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

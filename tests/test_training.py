@@ -96,3 +96,22 @@ def test_eval_preset_is_whole_frame_resize_to_32():
     img = Image.new("RGB", (100, 50), (255, 0, 0))
     out = EvalPreset()(img)
     assert out.shape == (3, 32, 32) and out.dtype == torch.uint8 and out[0].min() == 255
+
+
+def test_pretrained_file_loads_local_timm_weights_with_a_new_head(tmp_path):
+    import timm
+
+    src = timm.create_model("mobilenetv3_small_100", num_classes=1000)  # stands in for ImageNet weights
+    torch.save(src.state_dict(), tmp_path / "weights.pth")
+    model = create_model(43, 64, pretrained_file=str(tmp_path / "weights.pth"))
+    torch.testing.assert_close(model.net.conv_stem.weight, src.conv_stem.weight)
+    assert model.net.classifier.out_features == 43
+
+
+def test_class_names_are_the_43_gtsrb_classes_in_classid_order():
+    names = train.class_names()
+    assert len(names) == 43 and len(set(names)) == 43
+    assert (names[0], names[14], names[38], names[39], names[42]) == (
+        "Speed limit (20km/h)", "Stop", "Keep right", "Keep left",
+        "End of no passing by vehicles over 3.5 metric tons",
+    )  # fmt: skip

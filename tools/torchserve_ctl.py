@@ -2,6 +2,7 @@
 
     python -m tools.torchserve_ctl start [--config config.properties] [--timeout 120]
     python -m tools.torchserve_ctl stop
+    python -m tools.torchserve_ctl status [--quiet]   # exit 0 only when the model's workers are READY
 
 TorchServe's /ping answers "Healthy" even when the model failed to load, so readiness is read from
 the management API: the model's workers must be READY. Tests and benchmarks use the same functions.
@@ -157,15 +158,19 @@ def main() -> None:
     p.add_argument("--model-store", type=Path, default=ROOT / "model_store")
     p.add_argument("--log-dir", type=Path, default=ROOT / "logs")
     p.add_argument("--timeout", type=float, default=120)
+    p.add_argument("--quiet", action="store_true", help="status: print nothing, only the exit code")
     args = p.parse_args()
     props = read_properties(args.config)
-    management = props.get("management_address", "http://127.0.0.1:8081")
+    # TS_* variables override config.properties when enable_envvars_config=true (the container uses that).
+    management = os.environ.get("TS_MANAGEMENT_ADDRESS") or props.get("management_address", "http://127.0.0.1:8081")
     if args.action == "stop":
         stop(args.log_dir)
         return
-    if args.action == "status":
-        print(json.dumps(model_status(management), indent=1))
-        return
+    if args.action == "status":  # also the container's HEALTHCHECK
+        status = model_status(management)
+        if not args.quiet:
+            print(json.dumps(status, indent=1))
+        sys.exit(0 if status["ready"] else 1)
     if not (args.model_store / f"{MODEL}.mar").exists():
         sys.exit(f"{args.model_store / (MODEL + '.mar')} is missing: run `make archive` first")
     t0 = time.monotonic()

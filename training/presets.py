@@ -7,11 +7,16 @@ to the network's working resolution are baked into the exported model (``trainin
 handler never repeats them.
 
 This module is copied into the model archive as a top-level module: it must import nothing from the
-project.
+project, and nothing the server does not have. The eval transform is written with Pillow, not
+torchvision: it is exactly ``v2.Compose([v2.RGB(), v2.Resize(size, BILINEAR, antialias=True),
+v2.PILToTensor()])`` on a PIL image (those are the same Pillow calls, ``tests/test_training.py`` checks
+it), and it keeps torchvision out of the serving image and the TorchServe workers (a CPU-only torch
+wheel has no matching torchvision wheel on every index, and importing it costs worker memory).
 """
 
+import numpy as np
 import torch
-from torchvision.transforms import InterpolationMode, v2
+from PIL import Image
 
 IMAGE_SIZE = 32
 # Per-channel mean/std of the GTSRB training split at IMAGE_SIZE (training/data.py --stats recomputes them).
@@ -23,17 +28,12 @@ class EvalPreset:
     """PIL image (any mode) -> uint8 tensor [3, IMAGE_SIZE, IMAGE_SIZE]."""
 
     def __init__(self, *, size: int = IMAGE_SIZE) -> None:
-        # Resize the PIL image first: decoding and resizing in Pillow is cheaper than resizing a tensor.
-        self.transforms = v2.Compose(
-            [
-                v2.RGB(),
-                v2.Resize((size, size), interpolation=InterpolationMode.BILINEAR, antialias=True),
-                v2.PILToTensor(),
-            ]
-        )
+        self.size = size
 
-    def __call__(self, img) -> torch.Tensor:
-        return self.transforms(img)
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        # Resize the PIL image first: resizing in Pillow (antialiased bilinear) is cheaper than on a tensor.
+        img = img.convert("RGB").resize((self.size, self.size), resample=Image.Resampling.BILINEAR)
+        return torch.from_numpy(np.array(img)).permute(2, 0, 1)
 
 
 class TrainAugment:

@@ -1,0 +1,1 @@
+"""Deployment scripts for Google Compute Engine (see deploy/README.md)."""

@@ -44,7 +44,7 @@ RUN apt-get update \
     && groupadd --system --gid 10001 model-server \
     && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/model-server model-server
 COPY --from=build /opt/venv /opt/venv
-COPY config.properties metrics.yaml /opt/gtsrb/
+COPY config.properties metrics.yaml log4j2.xml /opt/gtsrb/
 COPY tools/torchserve_ctl.py /opt/gtsrb/tools/
 COPY model_store/gtsrb.mar /opt/gtsrb/model_store/
 
@@ -67,4 +67,4 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
 # TorchServe in the foreground: the container stops when the server does.
 ENTRYPOINT ["tini", "-g", "--"]
 CMD ["torchserve", "--foreground", "--ncs", "--disable-token-auth", "--ts-config", "/opt/gtsrb/config.properties", \
-     "--model-store", "/opt/gtsrb/model_store", "--models", "gtsrb=gtsrb.mar"]
+     "--log-config", "/opt/gtsrb/log4j2.xml", "--model-store", "/opt/gtsrb/model_store", "--models", "gtsrb=gtsrb.mar"]

@@ -303,7 +303,14 @@ def drive(name: str, url: str, levels: list[int], seconds: int, warmup: int, wrk
 
 
 @contextlib.contextmanager
-def torchserve(base: Path, store: Path, config_src: Path | None, extra: dict | None = None, env: dict | None = None):
+def torchserve(
+    base: Path,
+    store: Path,
+    config_src: Path | None,
+    extra: dict | None = None,
+    env: dict | None = None,
+    log_config: Path | None = torchserve_ctl.LOG_CONFIG,
+):
     """TorchServe on free ports with its own temp dir; yields (urls, launcher, workers); always stopped."""
     base.mkdir(parents=True, exist_ok=True)
     urls = torchserve_ctl.write_config(config_src, base / "config.properties", torchserve_ctl.free_ports(), extra)
@@ -311,7 +318,9 @@ def torchserve(base: Path, store: Path, config_src: Path | None, extra: dict | N
     saved = {k: os.environ.get(k) for k in env or {}}
     os.environ.update(env or {})
     try:
-        proc = torchserve_ctl.start(base / "config.properties", store, logs, tmpdir=tmp, foreground=True)
+        proc = torchserve_ctl.start(
+            base / "config.properties", store, logs, tmpdir=tmp, foreground=True, log_config=log_config
+        )
     finally:
         for k, v in saved.items():
             if v is None:
@@ -558,7 +567,7 @@ def main(argv=None) -> None:
             # Our launcher points TorchServe at the project's metrics.yaml; stock uses TorchServe's own.
             env = {"TS_METRICS_CONFIG": str(Path(ts.__file__).parent / "configs" / "metrics.yaml")}
             try:
-                with torchserve(work / "stock", store, None, extra, env) as (urls, proc, n):
+                with torchserve(work / "stock", store, None, extra, env, log_config=None) as (urls, proc, n):
                     notes.append(f"stock: {n} workers READY (TorchServe's default for this machine)")
                     rows += drive(
                         "stock", urls["inference"] + PATH, args.levels, args.duration, args.warmup, wrk_files,

@@ -49,7 +49,7 @@ class Config:
     max_replicas: int = 4
     autoscale_on: str = "cpu"  # or "rps"
     target_cpu: float = 0.6
-    max_rps: float = 20.0
+    max_rps: float = 500.0  # ~half of what one 2-core server does at concurrency 32 (BENCHMARKS.md)
     target_lb_utilization: float = 0.8
     initial_delay: int = 180
     keep_images: bool = False
@@ -400,7 +400,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--max-replicas", type=int, default=4, help="autoscaler maximum (default: %(default)s)")
     s.add_argument("--autoscale-on", choices=("cpu", "rps"), default="cpu", help="signal (default: %(default)s)")
     s.add_argument("--target-cpu", type=float, default=0.6, help="CPU utilization target (default: %(default)s)")
-    s.add_argument("--max-rps", type=float, default=20.0,
+    s.add_argument("--max-rps", type=float, default=Config.max_rps,
                    help="rps: requests/s one VM is worth to the load balancer (default: %(default)s)")  # fmt: skip
     s.add_argument("--target-lb-utilization", type=float, default=0.8,
                    help="rps: fraction of --max-rps the autoscaler aims for (default: %(default)s)")  # fmt: skip

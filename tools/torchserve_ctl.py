@@ -23,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "gtsrb"
+LOG_CONFIG = ROOT / "log4j2.xml"  # the frontend's logging: no per-request debug lines (see the file)
 
 
 def java_major() -> int | None:
@@ -132,9 +133,17 @@ def _env(log_dir: Path, tmpdir: Path | None) -> dict:
 
 
 def start(
-    config: Path, model_store: Path, log_dir: Path, tmpdir: Path | None = None, foreground: bool = False
+    config: Path,
+    model_store: Path,
+    log_dir: Path,
+    tmpdir: Path | None = None,
+    foreground: bool = False,
+    log_config: Path | None = LOG_CONFIG,
 ) -> subprocess.Popen:
-    """Launch TorchServe; returns the launcher process (with foreground=True, the server itself)."""
+    """Launch TorchServe; returns the launcher process (with foreground=True, the server itself).
+
+    ``log_config=None`` keeps TorchServe's built-in logging (the stock recipe of the benchmark).
+    """
     check_java()
     log_dir.mkdir(parents=True, exist_ok=True)
     cmd = [
@@ -143,6 +152,8 @@ def start(
     ]  # fmt: skip
     if foreground:
         cmd.append("--foreground")
+    if log_config is not None:
+        cmd += ["--log-config", str(log_config)]
     with open(log_dir / "torchserve.out", "w") as out:
         return subprocess.Popen(cmd, cwd=log_dir, env=_env(log_dir, tmpdir), stdout=out, stderr=subprocess.STDOUT)
 

@@ -1,0 +1,121 @@
+"""Where a TorchServe worker's time goes under load: py-spy on every worker while wrk drives the server.
+
+    python -m bench.profile [--concurrency 32] [--duration 20] [--output reports/profile]
+
+Starts the project's archive on free ports (as `make bench` does), drives it with wrk at the given
+concurrency, and meanwhile samples each worker with py-spy (100 Hz, idle stacks included, so the shares
+are of wall time). Writes one flame graph per worker (SVG) and prints, for all workers together, the share
+of samples in each stage of a request: waiting for TorchServe to send work, reading the request off the
+socket, decoding the image, resizing (EvalPreset), the model, top-k + JSON, the handler's metrics and input
+log, TorchServe's own per-request bookkeeping and sending the response. py-spy needs ptrace permission
+(root, or CAP_SYS_PTRACE in a container).
+"""
+
+import argparse
+import collections
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.bench import CONFIG, MODEL, PATH, ROOT, WRK_SCRIPT, ensure_wrk, make_images, run_wrk, torchserve
+from bench.bench import torchserve_processes as ts_processes
+from tools import archive
+
+# First match wins, tested from the innermost frame outwards: a stage is the innermost function we know.
+STAGES = [
+    ("model forward (TorchScript)", ("forward", "_call_impl", "inference (gtsrb_handler")),
+    ("decode image (Pillow)", ("decode_image", "request_bytes")),
+    ("resize to 32 px (EvalPreset)", ("__call__ (presets", "stack (torch")),
+    ("top-k + JSON (postprocess)", ("postprocess (gtsrb_handler",)),
+    ("handler metrics + input log", ("_monitor", "serving_metrics", "image_stats")),
+    ("wait for work (socket recv)", ("retrieve_msg", "_retrieve_buffer", "recv_into", "recv (")),
+    ("send response (TorchServe protocol)", ("create_predict_response", "send_intermediate", "sendall")),
+    ("TorchServe per-batch bookkeeping", ("service.py", "metric", "context.py")),
+]
+
+
+def stage_of(stack: str) -> str:
+    frames = stack.split(";")[::-1]  # innermost first
+    for frame in frames:
+        for name, keys in STAGES:
+            if any(k in frame for k in keys):
+                return name
+    return "other"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--duration", type=int, default=20, help="seconds of load (py-spy samples all but 5 of them)")
+    p.add_argument("--output", type=Path, default=Path("reports/profile"))
+    p.add_argument(
+        "--data-root", type=Path, default=Path(os.environ.get("GTSRB_ROOT") or ROOT.parent / "shared" / "data")
+    )
+    args = p.parse_args(argv)
+    ensure_wrk()
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    args.output.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="gtsrb-profile-"))
+    images = make_images(args.data_root, work / "images", 200)
+    listing = work / "images.txt"
+    listing.write_text("".join(f"{p}\n" for p in images))
+    script = work / "bodies.lua"
+    script.write_text(WRK_SCRIPT)
+    store = work / "model_store"
+    archive.build(model=MODEL, export_path=store)
+    with torchserve(work / "ts", store, CONFIG) as (urls, proc, _):
+        run_wrk(urls["inference"] + PATH, 8, 3, script, listing)  # warm-up
+        workers, _ = ts_processes(proc.pid)
+        load = subprocess.Popen(
+            [sys.executable, "-c", _WRK_CALL, urls["inference"] + PATH, str(args.concurrency), str(args.duration),
+             str(script), str(listing)],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        time.sleep(2)
+        spies = []
+        for w in workers:
+            raw = args.output / f"worker-{w.pid}.txt"
+            svg = args.output / f"worker-{w.pid}.svg"
+            common = [py_spy, "record", "--pid", str(w.pid), "--rate", "100", "--idle", "--nonblocking"]
+            spies.append((raw, subprocess.Popen([*common, "--format", "raw", "-o", str(raw), "-d", str(args.duration - 5)],
+                                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))  # fmt: skip
+            spies.append((svg, subprocess.Popen([*common, "-o", str(svg), "-d", str(args.duration - 5)],
+                                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))  # fmt: skip
+        for path, spy in spies:
+            if spy.wait() != 0:
+                raise RuntimeError(f"py-spy failed for {path.name}: {spy.stderr.read()}")
+        out, _ = load.communicate()
+    print(f"load: {out.strip()}")
+    counts = collections.Counter()
+    for raw, _ in spies:
+        if raw.suffix != ".txt":
+            continue
+        for line in raw.read_text().splitlines():
+            stack, _, n = line.rpartition(" ")
+            if stack and n.isdigit():
+                counts[stage_of(stack)] += int(n)
+    total = sum(counts.values())
+    print(f"\n| stage of a worker's wall time (c={args.concurrency}, {len(workers)} workers) | share |")
+    print("|---|---:|")
+    for name, n in counts.most_common():
+        print(f"| {name} | {100 * n / total:.1f}% |")
+    print(f"\nflame graphs: {', '.join(str(p) for p, _ in spies if p.suffix == '.svg')}")
+
+
+_WRK_CALL = """
+import sys
+from pathlib import Path
+from bench.bench import run_wrk
+url, c, d, script, listing = sys.argv[1:]
+r = run_wrk(url, int(c), int(d), Path(script), Path(listing))
+lat = r["latency_us"]
+print(f"{r['rps']:.0f} req/s, p50 {lat.get('p50', 0) / 1e3:.1f} ms, p99 {lat.get('p99', 0) / 1e3:.1f} ms, "
+      f"errors {sum(r['errors'].values())}")
+"""
+
+if __name__ == "__main__":
+    main()

@@ -13,6 +13,7 @@ log, TorchServe's own per-request bookkeeping and sending the response. py-spy n
 
 import argparse
 import collections
+import contextlib
 import os
 import shutil
 import subprocess
@@ -20,6 +21,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import psutil
 
 from bench.bench import CONFIG, MODEL, PATH, ROOT, WRK_SCRIPT, ensure_wrk, make_images, run_wrk, torchserve
 from bench.bench import torchserve_processes as ts_processes
@@ -68,42 +71,70 @@ def main(argv=None) -> None:
     store = work / "model_store"
     archive.build(model=MODEL, export_path=store)
     with torchserve(work / "ts", store, CONFIG) as (urls, proc, _):
-        run_wrk(urls["inference"] + PATH, 8, 3, script, listing)  # warm-up
-        workers, _ = ts_processes(proc.pid)
-        load = subprocess.Popen(
-            [sys.executable, "-c", _WRK_CALL, urls["inference"] + PATH, str(args.concurrency), str(args.duration),
-             str(script), str(listing)],
-            stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        url = urls["inference"] + PATH
+        run_wrk(url, 8, 3, script, listing)  # warm-up
+        workers, java = ts_processes(proc.pid)
+
+        # Pass 1, no profiler: how the two cores are shared between the load generator, Java and the workers.
+        load = start_load(url, args.concurrency, args.duration, script, listing)
+        time.sleep(2)
+        procs = {"Java frontend": java, "Python workers": workers, "wrk (load generator)": wrk_of(load)}
+        before = {k: cpu_seconds(v) for k, v in procs.items()}
+        t0 = time.monotonic()
+        time.sleep(args.duration - 5)
+        elapsed = time.monotonic() - t0
+        shares = {k: (cpu_seconds(v) - before[k]) / elapsed for k, v in procs.items()}
+        print(f"load without profiler: {load.communicate()[0].strip()}")
+
+        # Pass 2: py-spy on each worker (one writes a flame graph, the other the raw stacks counted below).
+        load = start_load(url, args.concurrency, args.duration, script, listing)
         time.sleep(2)
         spies = []
-        for w in workers:
-            raw = args.output / f"worker-{w.pid}.txt"
-            svg = args.output / f"worker-{w.pid}.svg"
-            common = [py_spy, "record", "--pid", str(w.pid), "--rate", "100", "--idle", "--nonblocking"]
-            spies.append((raw, subprocess.Popen([*common, "--format", "raw", "-o", str(raw), "-d", str(args.duration - 5)],
-                                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))  # fmt: skip
-            spies.append((svg, subprocess.Popen([*common, "-o", str(svg), "-d", str(args.duration - 5)],
-                                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))  # fmt: skip
+        for i, w in enumerate(workers):
+            out = args.output / (f"worker-{i}.svg" if i == 0 else f"worker-{i}.txt")
+            fmt = ["--format", "flamegraph"] if i == 0 else ["--format", "raw"]
+            cmd = [py_spy, "record", "--pid", str(w.pid), "--rate", "100", "--idle", "--nonblocking", *fmt]
+            spies.append((out, subprocess.Popen([*cmd, "-o", str(out), "-d", str(args.duration - 5)],
+                                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))  # fmt: skip
         for path, spy in spies:
             if spy.wait() != 0:
                 raise RuntimeError(f"py-spy failed for {path.name}: {spy.stderr.read()}")
-        out, _ = load.communicate()
-    print(f"load: {out.strip()}")
+        print(f"load with py-spy:      {load.communicate()[0].strip()}")
+
+    print(f"\n| CPU use during the load (c={args.concurrency}, {os.cpu_count()} cores) | cores |")
+    print("|---|---:|")
+    for name, cores in shares.items():
+        print(f"| {name} | {cores:.2f} |")
     counts = collections.Counter()
-    for raw, _ in spies:
-        if raw.suffix != ".txt":
-            continue
-        for line in raw.read_text().splitlines():
-            stack, _, n = line.rpartition(" ")
-            if stack and n.isdigit():
-                counts[stage_of(stack)] += int(n)
+    raws = [p for p, _ in spies if p.suffix == ".txt"] or [p for p, _ in spies]
+    for line in raws[-1].read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if stack and n.isdigit():
+            counts[stage_of(stack)] += int(n)
     total = sum(counts.values())
-    print(f"\n| stage of a worker's wall time (c={args.concurrency}, {len(workers)} workers) | share |")
+    print(f"\n| stage of a worker's wall time (c={args.concurrency}, py-spy, idle included) | share |")
     print("|---|---:|")
     for name, n in counts.most_common():
         print(f"| {name} | {100 * n / total:.1f}% |")
-    print(f"\nflame graphs: {', '.join(str(p) for p, _ in spies if p.suffix == '.svg')}")
+    print(f"\nflame graph: {spies[0][0]}")
+
+
+def start_load(url, concurrency, duration, script, listing) -> subprocess.Popen:
+    cmd = [sys.executable, "-c", _WRK_CALL, url, str(concurrency), str(duration), str(script), str(listing)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+
+
+def wrk_of(load: subprocess.Popen) -> list[psutil.Process]:
+    return [p for p in psutil.Process(load.pid).children(recursive=True) if p.name() == "wrk"]
+
+
+def cpu_seconds(procs) -> float:
+    total = 0.0
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
 
 
 _WRK_CALL = """

@@ -386,6 +386,43 @@ def build_stock_archive(work: Path, store: Path) -> None:
 
 
 @contextlib.contextmanager
+def container(image: str, docker: str = "docker"):
+    """The serving image (make docker-build) on the Docker bridge; yields (url, find); always removed.
+
+    wrk talks to the container's own address, not a published port, so Docker's userland proxy is not
+    measured. Worker RSS is read from the host's view of the container's processes.
+    """
+    name = f"gtsrb-bench-{os.getpid()}"
+
+    def sh(*args) -> str:
+        return subprocess.run([docker, *args], capture_output=True, text=True, check=True).stdout.strip()
+
+    sh("run", "-d", "--name", name, image)
+    try:
+        ip = sh("inspect", "-f", "{{.NetworkSettings.IPAddress}}", name)
+        deadline = time.monotonic() + 180
+        while sh("inspect", "-f", "{{.State.Health.Status}}", name) != "healthy":
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"container not healthy after 180 s: {sh('logs', '--tail', '20', name)}")
+            time.sleep(0.5)
+
+        def find():
+            workers, java = [], []
+            for line in sh("top", name, "-eo", "pid,args").splitlines()[1:]:
+                pid, _, cmd = line.strip().partition(" ")
+                with contextlib.suppress(psutil.Error, ValueError):
+                    if "model_service_worker" in cmd:
+                        workers.append(psutil.Process(int(pid)))
+                    elif cmd.lstrip().startswith("java"):
+                        java.append(psutil.Process(int(pid)))
+            return workers, java
+
+        yield f"http://{ip}:8080", find
+    finally:
+        subprocess.run([docker, "rm", "-f", name], capture_output=True)
+
+
+@contextlib.contextmanager
 def fastapi_peer(base: Path):
     base.mkdir(parents=True, exist_ok=True)
     port = torchserve_ctl.free_port()
@@ -474,13 +511,14 @@ def table(rows: list[dict]) -> str:
 def ratios(rows: list[dict], ceiling: float | None, at: int) -> list[str]:
     rps = {r["server"]: r["rps"] for r in rows if r["concurrency"] == at}
     out = []
-    if "ours" not in rps:
-        return out
-    for other, label in (("stock", "ours / stock TorchServe"), ("fastapi", "ours / FastAPI peer")):
-        if rps.get(other):
-            out.append(f"{label} at concurrency {at}: {rps['ours'] / rps[other]:.2f}x")
-    if ceiling:
-        out.append(f"ours / in-process batched ceiling at concurrency {at}: {rps['ours'] / ceiling:.2f}")
+    for ours in ("ours", "container"):
+        if ours not in rps:
+            continue
+        for other, label in (("stock", "stock TorchServe"), ("fastapi", "FastAPI peer")):
+            if rps.get(other):
+                out.append(f"{ours} / {label} at concurrency {at}: {rps[ours] / rps[other]:.2f}x")
+        if ceiling:
+            out.append(f"{ours} / in-process batched ceiling at concurrency {at}: {rps[ours] / ceiling:.2f}")
     return out
 
 
@@ -500,6 +538,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-fastapi", action="store_true", help="do not run the FastAPI peer")
     p.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md", help="markdown report")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test")
+    p.add_argument("--container", metavar="IMAGE", help="also drive the serving image (e.g. gtsrb-serve:latest)")
     p.add_argument("--images", type=int, help="distinct PNG bodies (default 300; quick: 40)")
     p.add_argument(
         "--data-root", type=Path, default=Path(os.environ.get("GTSRB_ROOT") or ROOT.parent / "shared" / "data")
@@ -522,6 +561,10 @@ def main(argv=None) -> None:
     cfg = yaml.safe_load(MODEL_CONFIG.read_text())
     threads, batch, workers = int(cfg["handler"]["torch_threads"]), int(cfg["batchSize"]), int(cfg["minWorkers"])
     info = machine_info()
+    # Let the load of whatever ran just before settle (the 1-minute load average lags by about a minute).
+    deadline = time.monotonic() + (0 if args.quick else 120)
+    while os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1) and time.monotonic() < deadline:
+        time.sleep(5)
     busy = os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1)
     if busy:
         print(f"WARNING: the machine is busy (load average {os.getloadavg()[0]:.1f}): numbers will be low", flush=True)
@@ -552,6 +595,17 @@ def main(argv=None) -> None:
                 "ours", urls["inference"] + PATH, args.levels, args.duration, args.warmup, wrk_files,
                 lambda: torchserve_processes(proc.pid),
             )  # fmt: skip
+
+        if args.container:
+            print(f"[container] starting {args.container}", flush=True)
+            with container(args.container) as (url, find):
+                torch_in_image = subprocess.run(
+                    ["docker", "run", "--rm", "--entrypoint", "python3", args.container, "-c",
+                     "import torch; print(torch.__version__)"],
+                    capture_output=True, text=True,
+                ).stdout.strip()  # fmt: skip
+                notes.append(f"container: image {args.container}, torch {torch_in_image}, same archive and settings")
+                rows += drive("container", url + PATH, args.levels, args.duration, args.warmup, wrk_files, find)
 
         if args.skip_stock:
             notes.append("stock TorchServe: skipped (--skip-stock)")

@@ -718,7 +718,10 @@ for FastAPI) sampled every 0.25 s; frontend: the TorchServe Java process.
 ## Servers
 
 - **ours**: TorchServe {info["torchserve"]}, the project's archive (`tools/archive.py`: TorchScript model,
-  `handler/gtsrb_handler.py`) and `config.properties` with only the listeners moved to free loopback ports.
+  `handler/gtsrb_handler.py`), `config.properties` with only the listeners moved to free loopback ports, and
+  `log4j2.xml`; the torch of the local environment.
+- **container** (with `--container IMAGE`): the serving image of `make docker-build` (CPU-only torch, the same
+  archive and settings), driven at the container's own address on the Docker bridge (no userland proxy).
 - **stock**: TorchServe with its defaults: a config.properties holding only the ports (loopback) and token
   auth disabled (`--disable-token-auth`), model API left at its default; the built-in `image_classifier`
   handler (Resize 256, CenterCrop 224, ImageNet normalisation, top-5 with `index_to_name.json`) serving the

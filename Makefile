@@ -73,7 +73,7 @@ docker-build: model_store/gtsrb.mar ## build the CPU serving image IMAGE (base i
 	IMAGE=$(IMAGE) DOCKER=$(DOCKER) PYTHON=$(PY) bash docker/build.sh
 
 docker-run: ## run IMAGE in the foreground on :8080 (Ctrl-C stops it)
-	$(DOCKER) run --rm -it --init -p 8080:8080 --name gtsrb $(IMAGE)
+	$(DOCKER) run --rm -it -p 8080:8080 --name gtsrb $(IMAGE)
 
 docker-test: docker-build ## build IMAGE, run it, real requests, health status, stop (needs a Docker engine)
 	IMAGE=$(IMAGE) DOCKER=$(DOCKER) PATH=$(BIN):$$PATH $(BIN)/pytest -m docker tests/test_container.py

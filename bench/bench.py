@@ -340,12 +340,16 @@ def torchserve(
         with contextlib.suppress(psutil.Error):
             spawned += psutil.Process(proc.pid).children(recursive=True)
         torchserve_ctl.stop(logs, tmpdir=tmp)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _wait_or_kill(proc, 60)
         _reap(spawned)
+
+
+def _wait_or_kill(proc: subprocess.Popen, timeout: float) -> None:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -449,11 +453,7 @@ def fastapi_peer(base: Path):
         with contextlib.suppress(psutil.Error):
             children = psutil.Process(proc.pid).children(recursive=True)
         proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _wait_or_kill(proc, 30)
         _reap(children)
 
 

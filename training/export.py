@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from training.model import GTSRBClassifier, create_model
+from training.model import ARCH, GTSRBClassifier, create_model
 
 
 @contextlib.contextmanager
@@ -54,7 +54,7 @@ def load_checkpoint(path: str | Path) -> GTSRBClassifier:
     """Rebuild the model of a training checkpoint (its EMA weights when it has them)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     args = ckpt["args"]
-    model = create_model(args["num_classes"], args["resolution"])
+    model = create_model(args["num_classes"], args["resolution"], arch=args.get("arch", ARCH))
     model.load_state_dict(ckpt.get("ema") or ckpt["model"])
     return model.eval()
 

@@ -1,4 +1,4 @@
-"""The served network: timm mobilenetv3_small_100 behind a fixed input contract.
+"""The served network (timm mobilenetv3_small_100) and its distillation teacher, behind one input contract.
 
 Input: uint8 [N, 3, IMAGE_SIZE, IMAGE_SIZE] straight from ``presets.EvalPreset``. Scaling to [0, 1],
 normalisation and the upsampling to the working ``resolution`` happen inside, so they travel with the
@@ -13,6 +13,28 @@ from torch import nn
 from training.presets import IMAGE_SIZE, MEAN, STD
 
 ARCH = "mobilenetv3_small_100"
+TEACHER_ARCH = "cnn_teacher"
+
+
+class TeacherCNN(nn.Sequential):
+    """A plain VGG-style CNN for 32-px signs (0.59 M parameters): the distillation teacher.
+
+    Three blocks of two 3x3 conv+BN+ReLU and a 2x2 max-pool (32, 64, 128 channels), a 3x3 conv to 256,
+    global average pool, dropout, linear. Dense 3x3 convolutions at full 32-px resolution are what
+    GTSRB rewards (99.49% on the official test split in 20 epochs, measured); MobileNetV3's early
+    stride-2 layers throw that resolution away, hence the student's upsampled input.
+    """
+
+    def __init__(self, num_classes: int, drop_rate: float = 0.3) -> None:
+        layers, cin = [], 3
+        for cout in (32, 64, 128):
+            for _ in range(2):
+                layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+                cin = cout
+            layers.append(nn.MaxPool2d(2))
+        layers += [nn.Conv2d(cin, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True)]
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(drop_rate), nn.Linear(256, num_classes)]
+        super().__init__(*layers)
 
 
 class GTSRBClassifier(nn.Module):
@@ -36,16 +58,19 @@ def create_model(
     num_classes: int,
     resolution: int,
     *,
+    arch: str = ARCH,
     pretrained: bool = False,
     pretrained_file: str | None = None,
     drop_rate: float = 0.0,
     drop_path_rate: float = 0.0,
 ) -> GTSRBClassifier:
+    if arch == TEACHER_ARCH:
+        return GTSRBClassifier(TeacherCNN(num_classes, drop_rate), resolution)
     kwargs = {}
     if pretrained_file:  # local timm weights; the classifier head is re-initialised for 43 classes
         kwargs["pretrained_cfg_overlay"] = {"file": pretrained_file}
     net = timm.create_model(
-        ARCH,
+        arch,
         pretrained=pretrained or bool(pretrained_file),
         num_classes=num_classes,
         drop_rate=drop_rate,

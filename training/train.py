@@ -1,6 +1,7 @@
 """Train mobilenetv3_small_100 on GTSRB and export the TorchScript model.
 
-    python -m training.train -c training/configs/gtsrb.yaml                      # the shipped recipe
+    python -m training.train -c training/configs/teacher.yaml                    # the distillation teacher
+    python -m training.train -c training/configs/gtsrb.yaml                      # the shipped recipe (student)
     python -m training.train -c training/configs/gtsrb.yaml --val-fraction 0.15  # hold out 15% of tracks
     python -m training.train --synthetic --epochs 2 --output runs/smoke          # no GTSRB at hand
     python -m training.train -c runs/gtsrb/config.yaml --resume runs/gtsrb/last.pth
@@ -29,7 +30,7 @@ from tqdm import tqdm
 from tools.drift_report import build_reference
 from training import data as gdata
 from training import export, metrics
-from training.model import ARCH, create_model
+from training.model import ARCH, TEACHER_ARCH, create_model
 from training.presets import IMAGE_SIZE, TrainAugment
 
 log = logging.getLogger("train")
@@ -54,6 +55,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-fraction", type=float, default=0.15, help="fraction of tracks held out; 0 = train on all")
     g.add_argument("--balance", type=float, default=0.0, help="sample classes with weight count^-balance (0 = natural)")
     g = p.add_argument_group("model")
+    g.add_argument(
+        "--arch", default=ARCH, choices=[ARCH, TEACHER_ARCH, "mobilenetv3_large_075", "mobilenetv3_large_100"]
+    )
     g.add_argument("--resolution", type=int, default=64, help="working resolution of the net (input upsampled)")
     g.add_argument("--pretrained", action="store_true", help="start from timm's ImageNet weights (needs internet)")
     g.add_argument("--pretrained-file", help="start from local timm weights (.pth/.safetensors)")
@@ -68,6 +72,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--label-smoothing", type=float, default=0.1)
     g.add_argument("--ema-decay", type=float, default=0.999, help="0 disables the weight EMA")
     g.add_argument("--max-steps", type=int, default=0, help="stop each epoch after this many steps (smoke tests)")
+    g = p.add_argument_group("distillation (the teacher sees the same augmented batch as the student)")
+    g.add_argument("--teacher", nargs="*", default=[], help="teacher checkpoint(s) (.pth); several = a committee")
+    g.add_argument("--distill-alpha", type=float, default=0.7, help="weight of the distillation loss (1-alpha: labels)")
+    g.add_argument("--distill-temperature", type=float, default=2.0)
     g = p.add_argument_group("augmentation (per sample; no horizontal flip)")
     g.add_argument("--degrees", type=float, default=15)
     g.add_argument("--translate", type=float, default=0.1)
@@ -138,7 +146,27 @@ def make_loader(d: dict, idx: torch.Tensor, args) -> torch.utils.data.DataLoader
 # ---------------------------------------------------------------------------- loop
 
 
-def train_one_epoch(model, ema, loader, augment, optimizer, scheduler, epoch, args) -> dict:
+def distillation_loss(logits, teacher_logits, y, args) -> torch.Tensor:
+    """alpha * T^2 * KL(teacher || student) at temperature T + (1 - alpha) * label-smoothed cross-entropy."""
+    ce = F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)
+    if teacher_logits is None:
+        return ce
+    t = args.distill_temperature
+    kd = F.kl_div(
+        F.log_softmax(logits / t, 1), F.log_softmax(teacher_logits / t, 1), reduction="batchmean", log_target=True
+    )
+    return args.distill_alpha * kd * t * t + (1 - args.distill_alpha) * ce
+
+
+@torch.no_grad()
+def committee_logits(teachers, x) -> torch.Tensor | None:
+    """Mean logits of the teachers on this (augmented) batch; None without teachers."""
+    if not teachers:
+        return None
+    return torch.stack([t(x).float() for t in teachers]).mean(0)
+
+
+def train_one_epoch(model, ema, loader, augment, optimizer, scheduler, epoch, args, teachers=()) -> dict:
     model.train()
     total, t0 = 0, time.time()
     correct = torch.zeros((), device=args.device)
@@ -149,8 +177,9 @@ def train_one_epoch(model, ema, loader, augment, optimizer, scheduler, epoch, ar
         x = augment(x.to(args.device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
         y = y.to(args.device, non_blocking=True)
         with amp:
+            teacher_logits = committee_logits(teachers, x)
             logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)
+            loss = distillation_loss(logits.float(), teacher_logits, y, args)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -215,7 +244,7 @@ def main(args) -> dict:
     val_x, val_y = d["images"][val_idx], d["labels"][val_idx]
 
     model = create_model(
-        gdata.NUM_CLASSES, args.resolution, pretrained=args.pretrained, pretrained_file=args.pretrained_file,
+        gdata.NUM_CLASSES, args.resolution, arch=args.arch, pretrained=args.pretrained, pretrained_file=args.pretrained_file,
         drop_rate=args.drop_rate, drop_path_rate=args.drop_path_rate,
     ).to(args.device, memory_format=torch.channels_last)  # fmt: skip
     # No weight decay on biases and BatchNorm parameters.
@@ -227,6 +256,13 @@ def main(args) -> dict:
     steps = min(len(loader), args.max_steps or len(loader))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, steps))
     ema = timm.utils.ModelEmaV3(model, decay=args.ema_decay) if args.ema_decay > 0 else None
+    teachers = [
+        export.load_checkpoint(t).to(args.device, memory_format=torch.channels_last).eval() for t in args.teacher
+    ]
+    if teachers and len(val_y):
+        for path, t in zip(args.teacher, teachers):
+            s = metrics.summarize(metrics.predict(t, val_x, args.device), val_y)
+            log.info(f"teacher {path}: val top-1 {s['top1']:.2%} (meaningful only if it never saw these tracks)")
 
     start, history, best = 1, [], -1.0
     if args.resume:
@@ -240,17 +276,20 @@ def main(args) -> dict:
         log.info(f"resumed from {args.resume} at epoch {start}")
 
     run_info = {
-        "arch": ARCH, "num_classes": gdata.NUM_CLASSES, "image_size": IMAGE_SIZE, "data_source": d["source"],
+        "arch": args.arch, "num_classes": gdata.NUM_CLASSES, "image_size": IMAGE_SIZE, "data_source": d["source"],
         "data_fingerprint": d["fingerprint"], "git_commit": git_commit(), "torch": str(torch.__version__),
     }  # fmt: skip
     config = {k: v for k, v in vars(args).items() if k not in ("config", "resume")}
     (out / "config.yaml").write_text(yaml.safe_dump({**config, "_run": run_info}, sort_keys=False))
-    log.info(f"{ARCH} @ {args.resolution}px, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+    log.info(f"{args.arch} @ {args.resolution}px, {len(teachers)} teacher(s), {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
              f"{args.epochs} epochs x {steps} steps, device {args.device}, output {out}")  # fmt: skip
 
     t_start = time.time()
     for epoch in range(start, args.epochs + 1):
-        row = {"epoch": epoch, **train_one_epoch(model, ema, loader, augment, optimizer, scheduler, epoch, args)}
+        row = {
+            "epoch": epoch,
+            **train_one_epoch(model, ema, loader, augment, optimizer, scheduler, epoch, args, teachers),
+        }
         eval_model = ema.module if ema is not None else model
         msg = ""
         if len(val_y):

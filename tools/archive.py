@@ -1,9 +1,14 @@
 """Pack model_store/gtsrb.mar: the TorchScript model, the handler, its modules, class names, config.
 
-python -m tools.archive [--model models/gtsrb.pt] [--export-path model_store]
+python -m tools.archive [--model models/gtsrb.pt] [--export-path model_store] [--registered-version N]
+
+The archive's version names the model it carries: the first 12 hex digits of the model file's sha256
+(``1e52a9c1b0d4``), after the registered MLflow model version when one is given (``v3-1e52a9c1b0d4``).
+TorchServe reports it as ``modelVersion`` on ``GET :8081/models/gtsrb``.
 """
 
 import argparse
+import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -20,14 +25,23 @@ EXTRA_FILES = [
 MODEL_CONFIG = ROOT / "handler" / "model-config.yaml"
 
 
+def model_version(model: Path, registered: str | None = None) -> str:
+    """``<sha256[:12]>`` of the model file, or ``v<registered>-<sha256[:12]>``."""
+    digest = hashlib.sha256(Path(model).read_bytes()).hexdigest()[:12]
+    return f"v{registered}-{digest}" if registered else digest
+
+
 def build(
-    model: Path = ROOT / "models" / "gtsrb.pt", export_path: Path = ROOT / "model_store", name: str = "gtsrb"
+    model: Path = ROOT / "models" / "gtsrb.pt",
+    export_path: Path = ROOT / "model_store",
+    name: str = "gtsrb",
+    registered: str | None = None,
 ) -> Path:
     export_path.mkdir(parents=True, exist_ok=True)
     archiver = Path(sys.executable).parent / "torch-model-archiver"
     cmd = [
-        str(archiver), "--force", "--model-name", name, "--version", "1.0", "--export-path", str(export_path),
-        "--serialized-file", str(model), "--handler", str(HANDLER),
+        str(archiver), "--force", "--model-name", name, "--version", model_version(model, registered),
+        "--export-path", str(export_path), "--serialized-file", str(model), "--handler", str(HANDLER),
         "--extra-files", ",".join(str(f) for f in EXTRA_FILES), "--config-file", str(MODEL_CONFIG),
     ]  # fmt: skip
     subprocess.run(cmd, check=True)
@@ -38,8 +52,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=ROOT / "models" / "gtsrb.pt")
     p.add_argument("--export-path", type=Path, default=ROOT / "model_store")
+    p.add_argument("--registered-version", help="the MLflow registered model version of --model, if any")
     args = p.parse_args()
-    print(build(args.model, args.export_path))
+    print(build(args.model, args.export_path, registered=args.registered_version))
 
 
 if __name__ == "__main__":

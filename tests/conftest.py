@@ -1,4 +1,6 @@
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -7,6 +9,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # The archive flattens handler/ and training/presets.py into one folder; mirror that for imports.
 for p in (ROOT / "handler", ROOT / "training", ROOT):
     sys.path.insert(0, str(p))
+
+# Training runs in the tests log to a throw-away MLflow store, never to the developer's mlruns/.
+os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tempfile.mkdtemp(prefix='gtsrb-mlflow-')}/mlflow.db")
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 MODEL = ROOT / "models" / "gtsrb.pt"

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,8 @@ def test_smoke_training_on_synthetic_data(tmp_path):
     result = train.main(args)
     losses = [h["train_loss"] for h in result["history"]]
     assert losses[-1] < losses[0] * 0.9, f"training loss did not go down: {losses}"
-    run = tmp_path / "run"
+    run = Path(result["run_dir"])
+    assert run.parent == tmp_path / "run" and (tmp_path / "run" / "latest").resolve() == run
     for name in ("model.pt", "best.pth", "last.pth", "config.yaml", "metrics.json", "curves.png", "confusion.png"):
         assert (run / name).is_file(), name
     saved = json.loads((run / "metrics.json").read_text())
@@ -29,9 +31,11 @@ def test_smoke_training_on_synthetic_data(tmp_path):
 
 def test_resume_continues_from_checkpoint(tmp_path):
     common = ["--synthetic", "--batch-size", "64", "--resolution", "32", "--max-steps", "2", "--output", str(tmp_path)]
-    train.main(train.parse_args(common + ["--epochs", "1"]))
-    result = train.main(train.parse_args(common + ["--epochs", "2", "--resume", str(tmp_path / "last.pth")]))
+    first = train.main(train.parse_args(common + ["--epochs", "1"]))
+    last = Path(first["run_dir"]) / "last.pth"
+    result = train.main(train.parse_args(common + ["--epochs", "2", "--resume", str(last)]))
     assert [h["epoch"] for h in result["history"]] == [1, 2]
+    assert result["run_dir"] == first["run_dir"] and result["mlflow_run_id"] == first["mlflow_run_id"]
 
 
 def test_config_file_sets_defaults_and_flags_override(tmp_path):
@@ -131,3 +135,71 @@ def test_class_names_are_the_43_gtsrb_classes_in_classid_order():
         "Speed limit (20km/h)", "Stop", "Keep right", "Keep left",
         "End of no passing by vehicles over 3.5 metric tons",
     )  # fmt: skip
+
+
+def _teacher_checkpoint(tmp_path) -> Path:
+    args = train.parse_args(
+        ["-c", str(train.CONFIGS / "teacher.yaml"), "--synthetic", "--epochs", "3", "--batch-size", "32",
+         "--warmup-epochs", "0", "--output", str(tmp_path / "teacher")]
+    )  # fmt: skip
+    return Path(train.main(args)["run_dir"]) / "best.pth"
+
+
+def test_distillation_from_a_teacher_runs_and_its_loss_goes_down(tmp_path):
+    teacher = _teacher_checkpoint(tmp_path)
+    args = train.parse_args(
+        ["--synthetic", "--epochs", "4", "--batch-size", "32", "--resolution", "48", "--lr", "3e-3",
+         "--warmup-epochs", "0", "--ema-decay", "0", "--teacher", str(teacher), "--distill-alpha", "1.0",
+         "--output", str(tmp_path / "student")]
+    )  # fmt: skip
+    result = train.main(args)
+    losses = [h["train_loss"] for h in result["history"]]  # alpha=1: the pure distillation loss
+    assert losses[-1] < losses[0] * 0.8, f"distillation loss did not go down: {losses}"
+
+
+def test_distillation_loss_is_zero_when_the_student_matches_the_teacher():
+    args = train.parse_args(["--distill-alpha", "1.0", "--distill-temperature", "2.0"])
+    logits, y = torch.randn(8, 43), torch.randint(0, 43, (8,))
+    assert train.distillation_loss(logits, logits.clone(), y, args).abs() < 1e-6
+    assert train.distillation_loss(logits, torch.randn(8, 43), y, args) > 0.1
+    args.distill_alpha = 0.0  # labels only: plain label-smoothed cross-entropy
+    expected = torch.nn.functional.cross_entropy(logits, y, label_smoothing=args.label_smoothing)
+    torch.testing.assert_close(train.distillation_loss(logits, torch.randn(8, 43), y, args), expected)
+
+
+def test_teacher_checkpoint_exports_to_torchscript_with_the_same_input_contract(tmp_path):
+    teacher = export.load_checkpoint(_teacher_checkpoint(tmp_path))
+    scripted = export.to_torchscript(teacher)
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), teacher(x), rtol=1e-4, atol=1e-4)
+    assert (scripted.image_size, scripted.resolution) == (32, 32)
+
+
+def test_runs_are_tracked_in_mlflow_and_the_model_is_registered_with_its_lineage(tmp_path):
+    from training import tracking
+
+    args = train.parse_args(
+        ["--synthetic", "--epochs", "2", "--batch-size", "32", "--resolution", "32", "--max-steps", "3",
+         "--output", str(tmp_path / "runs"), "--register", "gtsrb-test", "--export", str(tmp_path / "m" / "gtsrb.pt")]
+    )  # fmt: skip
+    first, second = train.main(args), train.main(args)
+    assert first["run_dir"] != second["run_dir"], "a second run overwrote the first"
+    assert (tmp_path / "runs" / "latest").resolve() == Path(second["run_dir"])
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking.tracking_uri())
+    run = client.get_run(first["mlflow_run_id"])
+    assert run.data.params["epochs"] == "2" and run.data.tags["data_fingerprint"] == first["run"]["data_fingerprint"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
+    artifacts = {f.path for f in client.list_artifacts(run.info.run_id, "reports")}
+    assert {"reports/metrics.json", "reports/curves.png", "reports/config.yaml"} <= artifacts
+    assert [f.path for f in client.list_artifacts(run.info.run_id, "model")] == ["model/model.pt"]
+    versions = tracking.lineage("gtsrb-test")
+    assert [v["run_id"] for v in versions[-2:]] == [first["mlflow_run_id"], second["mlflow_run_id"]]
+    assert int(versions[-1]["version"]) == int(versions[-2]["version"]) + 1
+    assert versions[-1]["git_commit"] == second["run"]["git_commit"]
+    shipped = json.loads((tmp_path / "m" / "gtsrb_lineage.json").read_text())
+    assert (
+        shipped["mlflow_run_id"] == second["mlflow_run_id"] and shipped["registered_version"] == versions[-1]["version"]
+    )

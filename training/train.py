@@ -29,12 +29,13 @@ from tqdm import tqdm
 
 from tools.drift_report import build_reference
 from training import data as gdata
-from training import export, metrics
+from training import export, metrics, tracking
 from training.model import ARCH, TEACHER_ARCH, create_model
 from training.presets import IMAGE_SIZE, TrainAugment
 
 log = logging.getLogger("train")
 CLASS_NAMES_FILE = Path(__file__).resolve().parent.parent / "handler" / "index_to_name.json"
+CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 def class_names() -> list[str]:
@@ -86,8 +87,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--blur-p", type=float, default=0.2)
     g.add_argument("--erase-p", type=float, default=0.25)
     g = p.add_argument_group("run")
-    g.add_argument("--output", default="runs/gtsrb")
+    g.add_argument(
+        "--output",
+        default="runs/gtsrb",
+        help="experiment folder: each run gets <output>/<time>-xxxx/, <output>/latest points at it",
+    )
     g.add_argument("--export", default="", help="also copy the exported model here (e.g. models/gtsrb.pt)")
+    g.add_argument("--register", default="", help="register the model as a new version of this MLflow model name")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
@@ -221,10 +227,23 @@ def git_commit() -> str:
         return "unknown"
 
 
+def new_run_dir(base: Path) -> Path:
+    """A fresh folder per run under ``base`` (never overwritten), and ``base/latest`` pointing at it."""
+    base.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=base))
+    link = base / f".latest-{run_dir.name}"
+    link.symlink_to(run_dir.name)
+    os.replace(link, base / "latest")  # atomic: a reader never sees a missing pointer
+    return run_dir
+
+
 def main(args) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    # --resume continues in the checkpoint's own folder; a new run gets a new one.
+    out = Path(args.resume).resolve().parent if args.resume else new_run_dir(Path(args.output))
+    file_log = logging.FileHandler(out / "train.log")
+    file_log.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logging.getLogger().addHandler(file_log)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     if args.threads:
@@ -264,7 +283,7 @@ def main(args) -> dict:
             s = metrics.summarize(metrics.predict(t, val_x, args.device), val_y)
             log.info(f"teacher {path}: val top-1 {s['top1']:.2%} (meaningful only if it never saw these tracks)")
 
-    start, history, best = 1, [], -1.0
+    start, history, best, mlflow_run_id = 1, [], -1.0, None
     if args.resume:
         ckpt = torch.load(args.resume, map_location=args.device, weights_only=False)
         model.load_state_dict(ckpt["model"])
@@ -273,6 +292,7 @@ def main(args) -> dict:
         if ema is not None and ckpt.get("ema"):
             ema.module.load_state_dict(ckpt["ema"])
         start, history, best = ckpt["epoch"] + 1, ckpt["history"], ckpt["best"]
+        mlflow_run_id = ckpt.get("mlflow_run_id")
         log.info(f"resumed from {args.resume} at epoch {start}")
 
     run_info = {
@@ -281,6 +301,10 @@ def main(args) -> dict:
     }  # fmt: skip
     config = {k: v for k, v in vars(args).items() if k not in ("config", "resume")}
     (out / "config.yaml").write_text(yaml.safe_dump({**config, "_run": run_info}, sort_keys=False))
+    run = tracking.start_run(
+        "gtsrb-teacher" if args.arch == TEACHER_ARCH else "gtsrb", out.name, config, run_info, run_id=mlflow_run_id
+    )
+    mlflow_run_id = run.info.run_id
     log.info(f"{args.arch} @ {args.resolution}px, {len(teachers)} teacher(s), {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
              f"{args.epochs} epochs x {steps} steps, device {args.device}, output {out}")  # fmt: skip
 
@@ -297,6 +321,7 @@ def main(args) -> dict:
             row |= {"val_loss": s["loss"], "val_top1": s["top1"], "val_macro_f1": s["macro_f1"]}
             msg = f" | val loss {s['loss']:.4f} top-1 {s['top1']:.2%} macro-F1 {s['macro_f1']:.4f}"
         history.append(row)
+        tracking.log_epoch(row)
         log.info(f"epoch {epoch:3d} | train loss {row['train_loss']:.4f} top-1 {row['train_top1']:.2%} | "
                  f"{row['img_per_s']:.0f} img/s {row['epoch_s']:.0f}s{msg}")  # fmt: skip
         score = row.get("val_top1", epoch)  # without a val split the last epoch is the one kept
@@ -304,6 +329,7 @@ def main(args) -> dict:
             "model": model.state_dict(), "ema": ema.module.state_dict() if ema else None,
             "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(), "epoch": epoch,
             "args": {**config, "num_classes": gdata.NUM_CLASSES}, "history": history, "best": max(best, score),
+            "mlflow_run_id": mlflow_run_id,
         }  # fmt: skip
         torch.save(ckpt, out / "last.pth")
         if score > best:
@@ -314,7 +340,8 @@ def main(args) -> dict:
     # ---- export and reports
     model = export.load_checkpoint(out / "best.pth")
     model_path = export.save(model, out / "model.pt")
-    result = {"run": run_info, "train_wall_s": round(wall, 1), "history": history}
+    result = {"run": run_info, "run_dir": str(out), "mlflow_run_id": mlflow_run_id, "train_wall_s": round(wall, 1)}
+    result["history"] = history
     result["train_img_per_s"] = round(sum(h["img_per_s"] for h in history) / max(1, len(history)), 1)
     metrics.plot_curves(history, out / "curves.png")
     if len(val_y):
@@ -326,11 +353,23 @@ def main(args) -> dict:
     # Input-drift reference (tools/drift_report.py): statistics of the images this model was trained on.
     reference = build_reference(d["images"][train_idx], d["labels"][train_idx], gdata.NUM_CLASSES)
     (out / "reference.json").write_text(json.dumps(reference) + "\n")
-    if args.export:
-        Path(args.export).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.export).write_bytes(model_path.read_bytes())
-        Path(args.export).with_name(Path(args.export).stem + "_reference.json").write_text(json.dumps(reference) + "\n")
     log.info(f"done in {wall / 60:.1f} min: {model_path} ({os.path.getsize(model_path) / 1e6:.1f} MB)")
+    tracking.log_outputs(out)
+    lineage = {"mlflow_run_id": mlflow_run_id, "run_dir": str(out), **run_info}
+    if args.register:
+        lineage["registered_model"] = args.register
+        lineage["registered_version"] = tracking.register(args.register, mlflow_run_id, run_info)
+        log.info(f"registered {args.register} version {lineage['registered_version']} (run {mlflow_run_id})")
+    tracking.end_run()
+    (out / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
+    if args.export:
+        dest = Path(args.export)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(model_path.read_bytes())
+        dest.with_name(dest.stem + "_reference.json").write_text(json.dumps(reference) + "\n")
+        dest.with_name(dest.stem + "_lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
+    logging.getLogger().removeHandler(file_log)
+    file_log.close()
     return result
 
 

@@ -42,8 +42,8 @@ import ts
 import yaml
 from PIL import Image
 
+from handler.presets import EvalPreset
 from tools import archive, torchserve_ctl
-from training.presets import EvalPreset
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "gtsrb.pt"

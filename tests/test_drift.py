@@ -6,11 +6,12 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
+from handler.presets import image_stats
 from tests.conftest import MODEL, ROOT
 from tools import drift_report
 from training import data as gdata
 from training import export
-from training.presets import image_stats
+from training.reference import build_reference
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def split(gtsrb_root):
     ds._samples = ds._samples[::4]  # every 4th frame of every track: the whole distribution, 4x faster
     d = gdata.load_tensors(ds)
     tr, va = gdata.track_split(d["labels"], d["tracks"], 0.15, seed=1)
-    reference = drift_report.build_reference(d["images"][tr], d["labels"][tr], gdata.NUM_CLASSES)
+    reference = build_reference(d["images"][tr], d["labels"][tr], gdata.NUM_CLASSES)
     served = d["images"][va[torch.randperm(len(va), generator=torch.Generator().manual_seed(0))[:1500]]]
     return reference, served
 
@@ -80,4 +81,4 @@ def test_input_log_rotates_and_stays_bounded(tmp_path):
         log.write([(32, 32)] * 5, [[0.5] * 7] * 5, [1] * 5, [0.9] * 5)
     files = sorted(tmp_path.glob("in.jsonl*"))
     assert len(files) == 3 and all(f.stat().st_size <= 4000 for f in files)
-    assert json.loads(files[0].read_text().splitlines()[0]).keys() == {"t", "w", "h", "stats", "class", "p"}
+    assert json.loads(files[0].read_text().splitlines()[0]).keys() == {"t", "w", "h", "stats", "class", "p", "model_version"}

@@ -5,14 +5,15 @@ import numpy as np
 import pytest
 import torch
 
+from handler.presets import EvalPreset
+from training import data as gdata
 from training import export, train
 from training.model import create_model
-from training.presets import EvalPreset, TrainAugment
 
 
 def test_smoke_training_on_synthetic_data(tmp_path):
     args = train.parse_args(
-        ["--synthetic", "--epochs", "4", "--batch-size", "32", "--resolution", "32", "--lr", "3e-3",
+        ["--synthetic", "--teacher", "--epochs", "4", "--batch-size", "32", "--resolution", "32", "--lr", "3e-3",
          "--warmup-epochs", "0", "--ema-decay", "0", "--val-fraction", "0.34", "--output", str(tmp_path / "run")]
     )  # fmt: skip
     result = train.main(args)
@@ -30,7 +31,18 @@ def test_smoke_training_on_synthetic_data(tmp_path):
 
 
 def test_resume_continues_from_checkpoint(tmp_path):
-    common = ["--synthetic", "--batch-size", "64", "--resolution", "32", "--max-steps", "2", "--output", str(tmp_path)]
+    common = [
+        "--synthetic",
+        "--teacher",
+        "--batch-size",
+        "64",
+        "--resolution",
+        "32",
+        "--max-steps",
+        "2",
+        "--output",
+        str(tmp_path),
+    ]
     first = train.main(train.parse_args(common + ["--epochs", "1"]))
     last = Path(first["run_dir"]) / "last.pth"
     result = train.main(train.parse_args(common + ["--epochs", "2", "--resume", str(last)]))
@@ -64,7 +76,7 @@ def test_torchscript_matches_eager(resolution):
 
 
 def test_shipped_model_loads_and_has_the_input_contract():
-    model = export.load(train.CLASS_NAMES_FILE.parent.parent / "models" / "gtsrb.pt")
+    model = export.load(gdata.CLASS_NAMES_FILE.parent.parent / "models" / "gtsrb.pt")
     assert model.image_size == 32
     assert model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).shape == (1, 43)
 
@@ -77,21 +89,21 @@ def _asymmetric_batch(n=256):
 
 def test_augmentation_never_mirrors():
     x = _asymmetric_batch()
-    y = TrainAugment()(x).float().mean((1, 2))  # column profile per image
+    y = train.make_augment(train.parse_args([]))(x).float().mean((1, 2))  # column profile per image
     left, right = y[:, :16].mean(1), y[:, 16:].mean(1)
     assert (left > right).all(), "an augmented image has its bright side on the right: mirrored"
 
 
 def test_augmentation_draws_per_sample_parameters_and_keeps_dtype():
     x = _asymmetric_batch(64)
-    y = TrainAugment()(x)
+    y = train.make_augment(train.parse_args([]))(x)
     assert y.dtype == torch.uint8 and y.shape == x.shape
     assert len({img.numpy().tobytes() for img in y}) == 64, "samples of a batch share augmentation parameters"
 
 
 def test_augmentation_with_everything_off_is_identity():
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    aug = TrainAugment(degrees=0, translate=0, scale=(1, 1), shear=0, color_jitter=0, blur_p=0, erase_p=0)
+    aug = train.TrainAugment(degrees=0, translate=0, scale=(1, 1), shear=0, color_jitter=0, blur_p=0, erase_p=0)
     torch.testing.assert_close(aug(x), x, atol=1, rtol=0)
 
 
@@ -129,7 +141,7 @@ def test_pretrained_file_loads_local_timm_weights_with_a_new_head(tmp_path):
 
 
 def test_class_names_are_the_43_gtsrb_classes_in_classid_order():
-    names = train.class_names()
+    names = gdata.CLASS_NAMES
     assert len(names) == 43 and len(set(names)) == 43
     assert (names[0], names[14], names[38], names[39], names[42]) == (
         "Speed limit (20km/h)", "Stop", "Keep right", "Keep left",
@@ -180,7 +192,7 @@ def test_runs_are_tracked_in_mlflow_and_the_model_is_registered_with_its_lineage
     from training import tracking
 
     args = train.parse_args(
-        ["--synthetic", "--epochs", "2", "--batch-size", "32", "--resolution", "32", "--max-steps", "3",
+        ["--synthetic", "--teacher", "--epochs", "2", "--batch-size", "32", "--resolution", "32", "--max-steps", "3",
          "--output", str(tmp_path / "runs"), "--register", "gtsrb-test", "--export", str(tmp_path / "m" / "gtsrb.pt")]
     )  # fmt: skip
     first, second = train.main(args), train.main(args)

@@ -15,14 +15,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 HANDLER = ROOT / "handler" / "gtsrb_handler.py"
-# Copied flat into the archive root and imported there as top-level modules.
-EXTRA_FILES = [
-    ROOT / "handler" / "image_input.py",
-    ROOT / "handler" / "serving_metrics.py",
-    ROOT / "training" / "presets.py",
-    ROOT / "handler" / "index_to_name.json",
-]
 MODEL_CONFIG = ROOT / "handler" / "model-config.yaml"
+# handler/ is the archive: every other module and data file in it is copied flat into the archive root
+# and imported there as a top-level module.
+EXTRA_FILES = sorted(
+    f for f in (ROOT / "handler").iterdir() if f.suffix in {".py", ".json"} and f not in (HANDLER, MODEL_CONFIG)
+)
 
 
 def model_version(model: Path, registered: str | None = None) -> str:

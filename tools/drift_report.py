@@ -19,25 +19,14 @@ from pathlib import Path
 
 import torch
 
-from training.presets import STAT_NAMES, image_stats
+from handler.presets import STAT_NAMES
+from training.reference import build_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 
 REFERENCE = ROOT / "models" / "gtsrb_reference.json"
-BINS = 10
 MIN_SAMPLES = 100
 EPS = 1e-4
-
-
-def build_reference(images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
-    """Decile edges of each statistic over the training images, and the class prior."""
-    stats = image_stats(images)
-    q = torch.linspace(0, 1, BINS + 1)[1:-1]
-    return {
-        "n": len(labels),
-        "stats": {name: torch.quantile(stats[:, i], q).tolist() for i, name in enumerate(STAT_NAMES)},
-        "class_prior": (torch.bincount(labels, minlength=num_classes).float() / len(labels)).tolist(),
-    }
 
 
 def psi(expected: list[float], actual: list[float]) -> float:

@@ -1,7 +1,7 @@
 """GTSRB data: the torchvision dataset, a split by physical sign (track), and an offline synthetic set.
 
     python -m training.data --synthetic data/synthetic   # render the synthetic set (GTSRB layout)
-    python -m training.data --root ../shared/data --stats  # recompute MEAN/STD for presets.py
+    python -m training.data --root ../shared/data --stats  # recompute MEAN/STD for handler/presets.py
 
 GTSRB: J. Stallkamp, M. Schlipsing, J. Salmen, C. Igel, "Man vs. computer: Benchmarking machine
 learning algorithms for traffic sign recognition", Neural Networks 32 (2012).
@@ -9,6 +9,7 @@ learning algorithms for traffic sign recognition", Neural Networks 32 (2012).
 
 import argparse
 import hashlib
+import json
 import logging
 import math
 import os
@@ -20,10 +21,13 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from torchvision.datasets import GTSRB
 from tqdm import tqdm
 
-from training.presets import IMAGE_SIZE, EvalPreset
+from handler.presets import IMAGE_SIZE, EvalPreset
 
 log = logging.getLogger(__name__)
-NUM_CLASSES = 43
+CLASS_NAMES_FILE = Path(__file__).resolve().parent.parent / "handler" / "index_to_name.json"
+# Class names in ClassId order, from the file the archive carries: the one definition.
+CLASS_NAMES = [name for _, name in sorted(json.loads(CLASS_NAMES_FILE.read_text()).items(), key=lambda kv: int(kv[0]))]
+NUM_CLASSES = len(CLASS_NAMES)
 
 
 # ---------------------------------------------------------------------------- real data

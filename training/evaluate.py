@@ -12,7 +12,6 @@ from pathlib import Path
 
 from training import data as gdata
 from training import export, metrics
-from training.train import class_names
 
 
 def main() -> None:
@@ -29,7 +28,7 @@ def main() -> None:
     if root is None:
         p.error("pass --data-root or set GTSRB_ROOT")
     d = gdata.load_tensors(gdata.gtsrb(root, args.split, download=args.download), desc=f"decode {args.split}")
-    s = metrics.summarize(metrics.predict(export.load(args.model), d["images"]), d["labels"], class_names())
+    s = metrics.summarize(metrics.predict(export.load(args.model), d["images"]), d["labels"], gdata.CLASS_NAMES)
     print(f"{args.model} on {root} [{args.split}]: " + metrics.format_summary(s, args.worst))
     if args.report:
         args.report.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.presets import IMAGE_SIZE, MEAN, STD
+from handler.presets import IMAGE_SIZE, MEAN, STD
 
 ARCH = "mobilenetv3_small_100"
 TEACHER_ARCH = "cnn_teacher"

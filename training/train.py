@@ -27,90 +27,89 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from tools.drift_report import build_reference
+from handler.presets import IMAGE_SIZE
 from training import data as gdata
 from training import export, metrics, tracking
+from training.augment import TrainAugment
 from training.model import ARCH, TEACHER_ARCH, create_model
-from training.presets import IMAGE_SIZE, TrainAugment
+from training.reference import build_reference
 
 log = logging.getLogger("train")
-CLASS_NAMES_FILE = Path(__file__).resolve().parent.parent / "handler" / "index_to_name.json"
 CONFIGS = Path(__file__).resolve().parent / "configs"
-
-
-def class_names() -> list[str]:
-    mapping = json.loads(CLASS_NAMES_FILE.read_text())
-    return [mapping[str(i)] for i in range(len(mapping))]
+RECIPE = CONFIGS / "gtsrb.yaml"
 
 
 # ---------------------------------------------------------------------------- arguments
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    """The flags. Their defaults are the shipped recipe, ``configs/gtsrb.yaml`` (the one definition)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-c", "--config", help="YAML file of defaults for the flags below")
+    p.add_argument("-c", "--config", help="YAML overrides on top of configs/gtsrb.yaml (e.g. configs/teacher.yaml)")
     g = p.add_argument_group("data")
     g.add_argument("--data-root", help="GTSRB root (torchvision layout); default $GTSRB_ROOT")
     g.add_argument("--download", action="store_true", help="download GTSRB into --data-root (needs internet)")
     g.add_argument("--synthetic", action="store_true", help="train on the rendered synthetic set (offline demo/tests)")
-    g.add_argument("--val-fraction", type=float, default=0.15, help="fraction of tracks held out; 0 = train on all")
-    g.add_argument("--balance", type=float, default=0.0, help="sample classes with weight count^-balance (0 = natural)")
+    g.add_argument("--val-fraction", type=float, help="fraction of tracks held out; 0 = train on all")
+    g.add_argument("--balance", type=float, help="sample classes with weight count^-balance (0 = natural)")
     g = p.add_argument_group("model")
-    g.add_argument(
-        "--arch", default=ARCH, choices=[ARCH, TEACHER_ARCH, "mobilenetv3_large_075", "mobilenetv3_large_100"]
-    )
-    g.add_argument("--resolution", type=int, default=64, help="working resolution of the net (input upsampled)")
+    g.add_argument("--arch", choices=[ARCH, TEACHER_ARCH, "mobilenetv3_large_075", "mobilenetv3_large_100"])
+    g.add_argument("--resolution", type=int, help="working resolution of the net (input upsampled)")
     g.add_argument("--pretrained", action="store_true", help="start from timm's ImageNet weights (needs internet)")
     g.add_argument("--pretrained-file", help="start from local timm weights (.pth/.safetensors)")
-    g.add_argument("--drop-rate", type=float, default=0.2)
-    g.add_argument("--drop-path-rate", type=float, default=0.05)
+    g.add_argument("--drop-rate", type=float)
+    g.add_argument("--drop-path-rate", type=float)
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=60)
-    g.add_argument("--batch-size", type=int, default=128)
-    g.add_argument("--lr", type=float, default=3e-3)
-    g.add_argument("--weight-decay", type=float, default=0.05)
-    g.add_argument("--warmup-epochs", type=float, default=2)
-    g.add_argument("--label-smoothing", type=float, default=0.1)
-    g.add_argument("--ema-decay", type=float, default=0.999, help="0 disables the weight EMA")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--warmup-epochs", type=float)
+    g.add_argument("--label-smoothing", type=float)
+    g.add_argument("--ema-decay", type=float, help="0 disables the weight EMA")
     g.add_argument("--max-steps", type=int, default=0, help="stop each epoch after this many steps (smoke tests)")
     g = p.add_argument_group("distillation (the teacher sees the same augmented batch as the student)")
-    g.add_argument("--teacher", nargs="*", default=[], help="teacher checkpoint(s) (.pth); several = a committee")
-    g.add_argument("--distill-alpha", type=float, default=0.7, help="weight of the distillation loss (1-alpha: labels)")
-    g.add_argument("--distill-temperature", type=float, default=2.0)
-    g = p.add_argument_group("augmentation (per sample; no horizontal flip)")
-    g.add_argument("--degrees", type=float, default=15)
-    g.add_argument("--translate", type=float, default=0.1)
-    g.add_argument("--scale-min", type=float, default=0.8)
-    g.add_argument("--scale-max", type=float, default=1.2)
-    g.add_argument("--shear", type=float, default=8)
-    g.add_argument("--color-jitter", type=float, default=0.4)
-    g.add_argument("--blur-p", type=float, default=0.2)
-    g.add_argument("--erase-p", type=float, default=0.25)
-    g = p.add_argument_group("run")
     g.add_argument(
-        "--output",
-        default="runs/gtsrb",
-        help="experiment folder: each run gets <output>/<time>-xxxx/, <output>/latest points at it",
+        "--teacher", nargs="*", help="teacher checkpoint(s) (.pth); several = a committee; none = labels only"
     )
-    g.add_argument("--export", default="", help="also copy the exported model here (e.g. models/gtsrb.pt)")
+    g.add_argument("--distill-alpha", type=float, help="weight of the distillation loss (1-alpha: labels)")
+    g.add_argument("--distill-temperature", type=float)
+    g = p.add_argument_group("augmentation (per sample; no horizontal flip)")
+    for flag in AUGMENT_FLAGS:
+        g.add_argument(flag, type=float)
+    g = p.add_argument_group("run")
+    g.add_argument("--output", help="experiment folder: each run gets <output>/<time>-xxxx/, <output>/latest -> it")
+    g.add_argument("--export", default="", help="also copy the exported model here (make train: models/gtsrb.pt)")
     g.add_argument("--register", default="", help="register the model as a new version of this MLflow model name")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int)
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     g.add_argument("--resume", help="checkpoint to continue from")
     return p
 
 
+AUGMENT_FLAGS = ("--degrees", "--translate", "--scale-min", "--scale-max", "--shear", "--color-jitter", "--blur-p",
+                 "--erase-p")  # fmt: skip
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+    """configs/gtsrb.yaml, then the -c file on top, then the command line."""
     p = get_args_parser()
     pre, _ = p.parse_known_args(argv)
-    if pre.config:
-        cfg = yaml.safe_load(Path(pre.config).read_text()) or {}
-        unknown = set(cfg) - {a.dest for a in p._actions}
-        if unknown:
-            p.error(f"unknown keys in {pre.config}: {sorted(unknown)}")
+    known = {a.dest for a in p._actions}
+    for path in dict.fromkeys([RECIPE, *([Path(pre.config)] if pre.config else [])]):
+        cfg = yaml.safe_load(Path(path).read_text()) or {}
+        if unknown := set(cfg) - known:
+            p.error(f"unknown keys in {path}: {sorted(unknown)}")
         p.set_defaults(**cfg)
     return p.parse_args(argv)
+
+
+def make_augment(args) -> TrainAugment:
+    return TrainAugment(
+        degrees=args.degrees, translate=args.translate, scale=(args.scale_min, args.scale_max), shear=args.shear,
+        color_jitter=args.color_jitter, blur_p=args.blur_p, erase_p=args.erase_p,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- data
@@ -256,10 +255,7 @@ def main(args) -> dict:
         train_idx, val_idx = torch.arange(len(d["labels"])), torch.arange(0)
     log.info(f"split by track: {len(train_idx)} train / {len(val_idx)} val images")
     loader = make_loader(d, train_idx, args)
-    augment = TrainAugment(
-        degrees=args.degrees, translate=args.translate, scale=(args.scale_min, args.scale_max), shear=args.shear,
-        color_jitter=args.color_jitter, blur_p=args.blur_p, erase_p=args.erase_p,
-    )  # fmt: skip
+    augment = make_augment(args)
     val_x, val_y = d["images"][val_idx], d["labels"][val_idx]
 
     model = create_model(
@@ -275,6 +271,10 @@ def main(args) -> dict:
     steps = min(len(loader), args.max_steps or len(loader))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, steps))
     ema = timm.utils.ModelEmaV3(model, decay=args.ema_decay) if args.ema_decay > 0 else None
+    if missing := [t for t in args.teacher if not Path(t).is_file()]:
+        sys.exit(
+            f"teacher checkpoint {missing[0]} not found: `make teacher` trains it; `--teacher` alone = labels only"
+        )
     teachers = [
         export.load_checkpoint(t).to(args.device, memory_format=torch.channels_last).eval() for t in args.teacher
     ]
@@ -345,7 +345,7 @@ def main(args) -> dict:
     result["train_img_per_s"] = round(sum(h["img_per_s"] for h in history) / max(1, len(history)), 1)
     metrics.plot_curves(history, out / "curves.png")
     if len(val_y):
-        s = metrics.summarize(metrics.predict(export.load(model_path), val_x), val_y, class_names())
+        s = metrics.summarize(metrics.predict(export.load(model_path), val_x), val_y, gdata.CLASS_NAMES)
         result["val"] = s
         metrics.plot_confusion(s, out / "confusion.png", f"validation (held-out tracks), top-1 {s['top1']:.2%}")
         log.info("exported model on validation tracks: " + metrics.format_summary(s))

@@ -23,7 +23,7 @@ from PIL import Image
 
 from tests.conftest import MODEL, ROOT
 from training import export
-from training.presets import EvalPreset
+from handler.presets import EvalPreset
 
 pytestmark = pytest.mark.docker
 IMAGE = os.environ.get("IMAGE", "gtsrb-serve:latest")

@@ -25,16 +25,26 @@ $(VENV)/.dev: $(VENV)/.serve requirements/train.txt requirements/dev.txt
 
 install: $(VENV)/.dev ## create .venv with everything (serve + train + dev)
 
-train: $(VENV)/.dev ## train the shipped recipe on GTSRB ($$GTSRB_ROOT or DATA=...) and export models/gtsrb.pt
-	$(PY) -m training.train -c training/configs/gtsrb.yaml --data-root $(DATA)
+teacher: $(VENV)/.dev ## train the distillation teacher (configs/teacher.yaml) -> runs/teacher/latest/best.pth
+	$(PY) -m training.train -c training/configs/teacher.yaml --data-root $(DATA)
+
+runs/teacher/latest/best.pth:
+	$(MAKE) teacher
+
+train: $(VENV)/.dev runs/teacher/latest/best.pth ## teacher (if missing), then the shipped student recipe -> models/gtsrb.pt
+	$(PY) -m training.train -c training/configs/gtsrb.yaml --data-root $(DATA) --export models/gtsrb.pt --register gtsrb
+
+mlflow-ui: $(VENV)/.dev ## MLflow UI on http://127.0.0.1:5000 over $$MLFLOW_TRACKING_URI (default: the local mlruns/ store)
+	mkdir -p mlruns
+	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db}
 
 evaluate: $(VENV)/.dev ## top-1, macro-F1 and worst classes of MODEL on DATA/SPLIT (default: test split)
 	$(PY) -m training.evaluate --model $(MODEL) --data-root $(DATA) --split $(SPLIT)
 
-export: $(VENV)/.dev ## re-export models/gtsrb.pt from a checkpoint (CKPT=runs/gtsrb/best.pth)
-	$(PY) -m training.export --checkpoint $(or $(CKPT),runs/gtsrb/best.pth) --output models/gtsrb.pt
+export: $(VENV)/.dev ## re-export models/gtsrb.pt from a checkpoint (CKPT=runs/gtsrb/latest/best.pth)
+	$(PY) -m training.export --checkpoint $(or $(CKPT),runs/gtsrb/latest/best.pth) --output models/gtsrb.pt
 
-model_store/gtsrb.mar: $(VENV)/.serve models/gtsrb.pt handler/* training/presets.py tools/archive.py
+model_store/gtsrb.mar: $(VENV)/.serve models/gtsrb.pt handler/* tools/archive.py
 	$(PY) -m tools.archive
 
 archive: model_store/gtsrb.mar ## pack model_store/gtsrb.mar (model + handler + class names + config)
@@ -63,7 +73,7 @@ audit: $(VENV)/.dev ## pip-audit the installed, pinned packages against known vu
 lint: $(VENV)/.dev ## ruff lint and format check
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/hadolint Dockerfile
 
-.PHONY: help install train evaluate export archive serve stop predict test lint bench drift-report audit soak
+.PHONY: help install teacher train mlflow-ui evaluate export archive serve stop predict test lint bench drift-report audit soak
 
 # ---- container (docker/README.md) ----
 IMAGE ?= gtsrb-serve:latest

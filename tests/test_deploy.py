@@ -1,5 +1,10 @@
 """deploy/gce.py: the gcloud commands it would run (dry runs without gcloud), the cloud-init it renders, and how
-a real run behaves (a fake gcloud on PATH records the calls). No network, no Google Cloud account."""
+a real run behaves (a fake gcloud on PATH records the calls). No network, no Google Cloud account.
+
+What a deployment must be by default (issue 12, item 5): not open to the internet except through an HTTPS load
+balancer with a managed certificate, IAP and a Cloud Armor rate limit; VMs without public addresses and with a
+dedicated, minimal service account; no metadata server from the container; health checks on model READY.
+"""
 
 import os
 import re
@@ -12,13 +17,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploy import gce
+from deploy import commands, gce
 
 ROOT = Path(__file__).resolve().parent.parent
-PROJECT, ZONE, TAG = "demo-proj-123", "europe-west1-b", "abc1234"
+PROJECT, ZONE, TAG, DOMAIN = "demo-proj-123", "europe-west1-b", "abc1234", "signs.example.com"
+MEMBER = "serviceAccount:client@demo-proj-123.iam.gserviceaccount.com"
 IMAGE = f"europe-west1-docker.pkg.dev/{PROJECT}/gtsrb/gtsrb-serve:{TAG}"
+SA = f"gtsrb-serve-vm@{PROJECT}.iam.gserviceaccount.com"
 LB_RANGES = {"130.211.0.0/22", "35.191.0.0/16"}
-VERBS = {"create", "delete", "describe", "add-backend", "set-named-ports", "set-autoscaling", "enable", "submit"}
+SECURE = ("--domain", DOMAIN, "--iap-member", MEMBER)
+VERBS = {"create", "delete", "describe", "add-backend", "set-named-ports", "set-autoscaling", "enable", "submit",
+         "update", "update-backend", "add-iam-policy-binding", "remove-iam-policy-binding", "list-instances",
+         "list"}  # fmt: skip
 # Flags whose value names another resource, and that resource's kind.
 REFERENCES = {
     "--template": "compute instance-templates",
@@ -26,8 +36,15 @@ REFERENCES = {
     "--health-checks": "compute health-checks",
     "--instance-group": "compute instance-groups managed",
     "--default-service": "compute backend-services",
+    "--service": "compute backend-services",
     "--url-map": "compute url-maps",
-    "--target-http-proxy": "compute target-http-proxies",
+    "--target-https-proxy": "compute target-https-proxies",
+    "--ssl-certificates": "compute ssl-certificates",
+    "--ssl-policy": "compute ssl-policies",
+    "--address": "compute addresses",
+    "--security-policy": "compute security-policies",
+    "--router": "compute routers",
+    "--service-account": "iam service-accounts",
 }
 
 
@@ -63,6 +80,10 @@ class DryRun:
     def index(self, *words: str) -> int:
         return self.commands.index(self.one(*words))
 
+    def cloud_init(self) -> dict:
+        doc = yaml.safe_load(self.user_data.read_text())
+        return {f["path"]: f["content"] for f in doc["write_files"]} | {"runcmd": doc["runcmd"]}
+
 
 def flags(argv: list[str]) -> dict[str, str | bool]:
     """--name=value -> {--name: value}; a bare --switch -> True (the CLI writes every value with '=')."""
@@ -76,22 +97,37 @@ def resource(argv: list[str]) -> tuple[str, str, str | None]:
     rest = words[i + 1 :]
     if words[:i] == ["compute", "health-checks"] and words[i] == "create":
         rest = rest[1:]  # the protocol comes first
+    if words[:i] == ["compute", "security-policies", "rules"]:
+        return "compute security-policies", f"rule-{words[i]}", flags(argv)["--security-policy"]
+    if words[:i] == ["iam", "service-accounts"] and words[i] == "create":
+        rest = [f"{rest[0]}@{PROJECT}.iam.gserviceaccount.com"]  # created by account id, used by email
     return " ".join(words[:i]), words[i], rest[0] if rest else None
 
 
-def created(commands: list[list[str]]) -> list[tuple[str, str]]:
+def created(cmds: list[list[str]]) -> list[tuple[str, str]]:
     """Resources in the order they are first created."""
     out = []
-    for argv in commands:
+    for argv in cmds:
         kind, verb, name = resource(argv)
         if verb == "create" and (kind, name) not in out:
             out.append((kind, name))
     return out
 
 
+def docker_run_argv(unit: str) -> list[str]:
+    (line,) = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
+    return shlex.split(line.removeprefix("ExecStart="))
+
+
 @pytest.fixture(scope="module")
 def runs():
-    made = {"deploy": DryRun("deploy"), "scale-out": DryRun("scale-out"), "teardown": DryRun("teardown")}
+    made = {
+        "deploy": DryRun("deploy", *SECURE),
+        "demo": DryRun("deploy", "--public-http-demo"),
+        "scale-out": DryRun("scale-out"),
+        "teardown": DryRun("teardown"),
+        "drift-logs": DryRun("drift-logs"),
+    }
     yield made
     for run in made.values():
         if run.user_data:
@@ -113,53 +149,168 @@ def test_dry_run_needs_no_gcloud_and_prints_a_script(runs):
         assert all(argv[0] == "gcloud" and f"--project={PROJECT}" in argv for argv in run.commands), name
 
 
-def test_firewall_opens_tcp_8080_only(runs):
-    (public,) = runs["deploy"].find("compute", "firewall-rules", "create")
-    (lb,) = runs["scale-out"].find("compute", "firewall-rules", "create")
-    for rule in (public, lb):
-        f = flags(rule)
-        assert (f["--rules"], f["--direction"], f["--action"]) == ("tcp:8080", "INGRESS", "ALLOW"), rule
-        assert f["--target-tags"] == "gtsrb-serve"
-    assert flags(public)["--source-ranges"] == "0.0.0.0/0"
-    assert set(flags(lb)["--source-ranges"].split(",")) == LB_RANGES
-    # No other command opens anything, and the VM carries no tag that default-network rules (http-server...) match.
-    for run in runs.values():
-        opened = [a for argv in run.commands for a in argv if a.startswith(("--rules=", "--allow="))]
-        assert set(opened) <= {"--rules=tcp:8080"}
-    assert flags(runs["deploy"].one("compute", "instances", "create"))["--tags"] == "gtsrb-serve"
-    narrowed = DryRun("deploy", "--source-ranges", "203.0.113.0/24")
-    assert flags(narrowed.one("compute", "firewall-rules", "create"))["--source-ranges"] == "203.0.113.0/24"
-    narrowed.user_data.unlink()
+def test_the_secure_default_needs_a_domain_and_keeps_demo_options_apart():
+    for args, message in (
+        ((), "needs --domain"),
+        (("--public-http-demo", "--domain", DOMAIN), "plain HTTP"),
+        (("--domain", DOMAIN, "--source-ranges", "0.0.0.0/0"), "admits the load balancer only"),
+    ):
+        r = cli("deploy", "--project", PROJECT, "--zone", ZONE, "--dry-run", *args)
+        assert r.returncode == 2 and message in r.stderr and not r.stdout, (args, r.stderr)
+    nobody = DryRun("deploy", "--domain", DOMAIN)  # no --iap-member: said loudly, nobody is let in
+    nobody.user_data.unlink()
+    assert "IAP will let nobody through" in nobody.out and not nobody.find("iap", "web", "add-iam-policy-binding")
 
 
-def test_vm_runs_container_optimized_os_with_the_cloud_init(runs):
+def test_only_https_through_the_load_balancer_reaches_the_vms(runs):
     run = runs["deploy"]
+    rules = {resource(r)[2]: flags(r) for r in run.find("compute", "firewall-rules", "create")}
+    assert set(rules) == {"gtsrb-serve-allow-lb", "gtsrb-serve-allow-iap-ssh"}
+    lb, ssh = rules["gtsrb-serve-allow-lb"], rules["gtsrb-serve-allow-iap-ssh"]
+    assert (lb["--rules"], set(lb["--source-ranges"].split(","))) == ("tcp:8080", LB_RANGES)
+    assert (ssh["--rules"], ssh["--source-ranges"]) == ("tcp:22", "35.235.240.0/20")  # IAP TCP forwarding only
+    assert all(r["--direction"] == "INGRESS" and r["--target-tags"] == "gtsrb-serve" for r in rules.values())
+    assert "0.0.0.0/0" not in run.out
+    # The VMs have no public address; they go out through Cloud NAT.
+    template = flags(run.one("compute", "instance-templates", "create"))
+    assert template["--no-address"] is True and template["--tags"] == "gtsrb-serve"
+    nat = flags(run.one("compute", "routers", "nats", "create"))
+    assert nat["--router"] == "gtsrb-serve-router" and nat["--nat-all-subnet-ip-ranges"] is True
+    # The one public entry point: HTTPS on 443 with a Google-managed certificate for --domain, modern TLS.
+    (rule,) = run.find("compute", "forwarding-rules", "create")
+    assert (flags(rule)["--ports"], flags(rule)["--target-https-proxy"]) == ("443", "gtsrb-serve-https-proxy")
+    assert not run.find("compute", "target-http-proxies", "create")
+    assert flags(run.one("compute", "ssl-certificates", "create"))["--domains"] == DOMAIN
+    tls = flags(run.one("compute", "ssl-policies", "create"))
+    assert (tls["--profile"], tls["--min-tls-version"]) == ("MODERN", "1.2")
+    proxy = flags(run.one("compute", "target-https-proxies", "create"))
+    assert (proxy["--ssl-certificates"], proxy["--ssl-policy"]) == ("gtsrb-serve-cert", "gtsrb-serve-tls")
+
+
+def test_callers_are_authenticated_by_iap_and_rate_limited_by_cloud_armor(runs):
+    run = runs["deploy"]
+    updates = [flags(u) for u in run.find("compute", "backend-services", "update")]
+    assert {"--iap": "enabled", "--global": True} in [
+        {k: u[k] for k in u if k in ("--iap", "--global")} for u in updates
+    ]
+    assert "iap.googleapis.com" in run.one("services", "enable")
+    (grant,) = run.find("iap", "web", "add-iam-policy-binding")
+    assert flags(grant) | {"--project": None} == {
+        "--resource-type": "backend-services", "--service": "gtsrb-serve-backend", "--member": MEMBER,
+        "--role": "roles/iap.httpsResourceAccessor", "--project": None,
+    }  # fmt: skip
+    throttle = flags(run.one("compute", "security-policies", "rules", "create"))
+    assert (throttle["--action"], throttle["--enforce-on-key"], throttle["--exceed-action"]) == (
+        "throttle",
+        "IP",
+        "deny-429",
+    )
+    assert (throttle["--rate-limit-threshold-count"], throttle["--rate-limit-threshold-interval-sec"]) == ("600", "60")
+    assert any(u.get("--security-policy") == "gtsrb-serve-armor" for u in updates)
+    tighter = DryRun("deploy", *SECURE, "--rate-limit", "120")
+    tighter.user_data.unlink()
+    assert (
+        flags(tighter.one("compute", "security-policies", "rules", "create"))["--rate-limit-threshold-count"] == "120"
+    )
+
+
+def test_vms_run_as_a_dedicated_service_account_with_only_the_roles_they_need(runs):
+    run = runs["deploy"]
+    assert resource(run.one("iam", "service-accounts", "create"))[2] == SA
+    project_roles = {flags(b)["--role"] for b in run.find("projects", "add-iam-policy-binding")}
+    assert project_roles == {"roles/logging.logWriter", "roles/monitoring.metricWriter"}
+    repo = flags(run.one("artifacts", "repositories", "add-iam-policy-binding"))
+    assert (repo["--role"], repo["--member"]) == ("roles/artifactregistry.reader", f"serviceAccount:{SA}")
+    assert all(flags(b)["--member"] == f"serviceAccount:{SA}" for b in run.find("projects", "add-iam-policy-binding"))
+    for name in ("deploy", "demo"):
+        vm = flags((runs[name].find("compute", "instance-templates", "create") or
+                    runs[name].find("compute", "instances", "create"))[0])  # fmt: skip
+        assert vm["--service-account"] == SA
+        assert set(vm["--scopes"].split(",")) == {"logging-write", "monitoring-write", "storage-ro"}
+        assert "cloud-platform" not in vm["--scopes"]
+
+
+def test_health_checks_ask_for_model_ready_not_ping(runs):
+    run = runs["deploy"]
+    hc = run.one("compute", "health-checks", "create")
+    assert hc[3:5] == ["create", "http"] and (flags(hc)["--port"], flags(hc)["--request-path"]) == ("8080", "/ready")
+    assert "/ping" not in " ".join(" ".join(c) for c in run.commands)
+    # /ready is what HAProxy answers from the model's readiness (docker/haproxy.cfg, tested in test_container).
+    assert "if { path /ready } { nbsrv(torchserve) ge 1 }" in (ROOT / "docker" / "haproxy.cfg").read_text()
+    name = resource(hc)[2]
+    mig = flags(run.one("compute", "instance-groups", "managed", "create"))
+    assert mig["--health-check"] == name and int(mig["--initial-delay"]) >= 120  # boot + pull + model load
+    backend = flags(run.one("compute", "backend-services", "create"))
+    assert backend["--health-checks"] == name and backend["--connection-draining-timeout"] == "60"
+
+
+def test_each_resource_is_created_before_it_is_used(runs):
+    for name in ("deploy", "demo"):
+        run = runs[name]
+        made: set[tuple[str, str]] = set()
+        for argv in run.commands:
+            kind, verb, res = resource(argv)
+            for flag, value in flags(argv).items():
+                if flag in REFERENCES:
+                    assert (REFERENCES[flag], value) in made, f"{shlex.join(argv)} uses {value} before it exists"
+            if verb == "create":
+                made.add((kind, res))
+    run = runs["deploy"]
+    pipeline = [run.index(*w) for w in (("compute", "instance-templates", "create"),
+                                        ("compute", "instance-groups", "managed", "create"),
+                                        ("compute", "backend-services", "create"),
+                                        ("compute", "backend-services", "add-backend"),
+                                        ("compute", "url-maps", "create"),
+                                        ("compute", "target-https-proxies", "create"),
+                                        ("compute", "forwarding-rules", "create"))]  # fmt: skip
+    assert pipeline == sorted(pipeline)
+    first_fw = min(run.commands.index(c) for c in run.find("compute", "firewall-rules", "create"))
+    assert first_fw < pipeline[1]  # health checks reach the first VMs
+    roles = [run.commands.index(c) for c in run.find("projects", "add-iam-policy-binding")]
+    assert max(roles) < pipeline[0]  # the account can write logs before a VM boots
+    scheme = flags(run.one("compute", "backend-services", "create"))["--load-balancing-scheme"]
+    assert flags(run.one("compute", "forwarding-rules", "create"))["--load-balancing-scheme"] == scheme
+
+
+def test_public_http_demo_is_one_public_vm_behind_an_explicit_flag(runs):
+    run = runs["demo"]
+    assert "PUBLIC DEMO" in run.out
+    (rule,) = run.find("compute", "firewall-rules", "create")
+    assert (flags(rule)["--rules"], flags(rule)["--source-ranges"]) == ("tcp:8080", "0.0.0.0/0")
     vm = flags(run.one("compute", "instances", "create"))
-    assert (vm["--image-family"], vm["--image-project"]) == ("cos-stable", "cos-cloud")
-    assert vm["--metadata-from-file"] == f"user-data={run.user_data}"
-    assert run.user_data.is_file()  # the dry run's commands point at a file that exists
-    assert vm["--zone"] == ZONE and vm["--machine-type"] == "e2-standard-2"
-    assert vm["--scopes"] == "cloud-platform" and vm["--shielded-secure-boot"] is True
-    template = flags(runs["scale-out"].one("compute", "instance-templates", "create"))
-    for key in ("--image-family", "--image-project", "--tags", "--scopes", "--shielded-secure-boot"):
-        assert template[key] == vm[key], key
-    assert template["--metadata-from-file"].startswith("user-data=")
-    for r in runs.values():  # the deprecated container startup agent is not used
-        assert "create-with-container" not in r.out and "--container-image" not in r.out
+    assert "--no-address" not in vm and (vm["--image-family"], vm["--image-project"]) == ("cos-stable", "cos-cloud")
+    for absent in ("forwarding-rules", "routers", "security-policies", "backend-services", "instance-templates"):
+        assert not run.find("compute", absent, "create"), absent
+    assert "iap.googleapis.com" not in run.one("services", "enable")
+    narrowed = DryRun("deploy", "--public-http-demo", "--source-ranges", "203.0.113.0/24")
+    narrowed.user_data.unlink()
+    assert flags(narrowed.one("compute", "firewall-rules", "create"))["--source-ranges"] == "203.0.113.0/24"
+    assert "curl -T sign.png http://$IP:8080/predictions/gtsrb" in run.out
 
 
-def test_image_uri_and_registry(runs):
+def test_image_uri_registry_and_container_os(runs):
     run = runs["deploy"]
     build = run.one("builds", "submit")
     assert flags(build)["--config"] == "deploy/cloudbuild.yaml" and "." in build
     assert f"_IMAGE={IMAGE}" in flags(build)["--substitutions"].split(",")
+    pinned = "debian:bookworm-20250520-slim@sha256:" + "0" * 64
+    with_digest = DryRun("deploy", *SECURE, "--base-image", pinned)
+    with_digest.user_data.unlink()
+    assert f"_BASE_IMAGE={pinned}" in flags(with_digest.one("builds", "submit"))["--substitutions"].split(",")
+    cloudbuild = yaml.safe_load((ROOT / "deploy" / "cloudbuild.yaml").read_text())
+    assert "--build-arg=BASE_IMAGE=${_BASE_IMAGE}" in cloudbuild["steps"][0]["args"]
+    assert cloudbuild["substitutions"]["_BASE_IMAGE"] in (ROOT / "Dockerfile").read_text()  # same default tag
     repo = flags(run.one("artifacts", "repositories", "create"))
     assert (repo["--location"], repo["--repository-format"]) == ("europe-west1", "docker")
-    assert IMAGE in run.user_data.read_text()
-    # The registry region follows the zone; the repository and tag are options.
-    cfg = gce.Config(project="p-1", zone="northamerica-northeast1-a", repo="models", tag="v2")
+    template = flags(run.one("compute", "instance-templates", "create"))
+    assert (template["--image-family"], template["--image-project"]) == ("cos-stable", "cos-cloud")
+    assert template["--metadata-from-file"] == f"user-data={run.user_data}" and run.user_data.is_file()
+    assert template["--shielded-secure-boot"] is True
+    for r in runs.values():  # the deprecated container startup agent is not used
+        assert "create-with-container" not in r.out and "--container-image" not in r.out
+    cfg = commands.Config(project="p-1", zone="northamerica-northeast1-a", repo="models", tag="v2")
     assert cfg.image == "northamerica-northeast1-docker.pkg.dev/p-1/models/gtsrb-serve:v2"
-    bad = cli("deploy", "--project", PROJECT, "--zone", "europe-west1", "--dry-run")
+    bad = cli("deploy", "--project", PROJECT, "--zone", "europe-west1", "--dry-run", *SECURE)
     assert bad.returncode != 0 and "not a Compute Engine zone" in bad.stderr and not bad.stdout
 
 
@@ -171,121 +322,120 @@ def test_default_tag_is_the_git_commit():
 
 def test_shared_resources_are_created_only_when_missing(runs):
     run = runs["deploy"]
-    for kind in (("artifacts", "repositories"), ("compute", "firewall-rules"), ("compute", "health-checks")):
+    for kind in (("artifacts", "repositories"), ("iam", "service-accounts"), ("compute", "health-checks"),
+                 ("compute", "routers")):  # fmt: skip
         describe, create = run.index(*kind, "describe"), run.index(*kind, "create")
         assert create == describe + 1, kind  # the runner skips the create when the describe succeeds
     assert "created only if this describe fails" in run.out
 
 
-def test_health_check_is_http_8080_ping_and_used_by_mig_and_backend(runs):
-    hc = runs["deploy"].one("compute", "health-checks", "create")
-    assert hc[3:5] == ["create", "http"] and (flags(hc)["--port"], flags(hc)["--request-path"]) == ("8080", "/ping")
-    name = resource(hc)[2]
-    run = runs["scale-out"]
-    assert run.one("compute", "health-checks", "create") == hc  # scale-out works without deploy, same check
-    mig = flags(run.one("compute", "instance-groups", "managed", "create"))
-    assert mig["--health-check"] == name and int(mig["--initial-delay"]) >= 120  # boot + pull + model load
-    assert flags(run.one("compute", "backend-services", "create"))["--health-checks"] == name
-    assert "--named-ports=http:8080" in run.one("compute", "instance-groups", "managed", "set-named-ports")
-
-
-def test_scale_out_creates_each_resource_before_it_is_used(runs):
-    run = runs["scale-out"]
-    made: set[tuple[str, str]] = set()
-    for argv in run.commands:
-        kind, verb, name = resource(argv)
-        for flag, value in flags(argv).items():
-            if flag in REFERENCES:
-                assert (REFERENCES[flag], value) in made, f"{shlex.join(argv)} uses {value} before it exists"
-        if verb in ("add-backend", "set-named-ports", "set-autoscaling"):
-            assert (kind, name) in made, shlex.join(argv)
-        if verb == "create":
-            made.add((kind, name))
-    pipeline = [
-        run.index("compute", "instance-templates", "create"),
-        run.index("compute", "instance-groups", "managed", "create"),
-        run.index("compute", "backend-services", "create"),
-        run.index("compute", "backend-services", "add-backend"),
-        run.index("compute", "url-maps", "create"),
-        run.index("compute", "target-http-proxies", "create"),
-        run.index("compute", "forwarding-rules", "create"),
-    ]
-    assert pipeline == sorted(pipeline)
-    assert run.index("compute", "firewall-rules", "create") < pipeline[1]  # health checks reach the first VMs
-    rule = flags(run.one("compute", "forwarding-rules", "create"))
-    assert rule["--ports"] == "80" and rule["--global"] is True
-    scheme = flags(run.one("compute", "backend-services", "create"))["--load-balancing-scheme"]
-    assert rule["--load-balancing-scheme"] == scheme
-
-
 def test_autoscaling_on_cpu_or_requests_per_second(runs):
     cpu = runs["scale-out"]
     scaling = flags(cpu.one("compute", "instance-groups", "managed", "set-autoscaling"))
+    assert resource(cpu.one("compute", "instance-groups", "managed", "set-autoscaling"))[2] == "gtsrb-serve-mig"
     assert scaling["--target-cpu-utilization"] == "0.6" and "--target-load-balancing-utilization" not in scaling
-    assert (scaling["--min-num-replicas"], scaling["--max-num-replicas"]) == ("2", "4")
+    assert (scaling["--min-num-replicas"], scaling["--max-num-replicas"]) == ("1", "4")
+    assert not cpu.find("compute", "backend-services", "update-backend")
     rps = DryRun("scale-out", "--autoscale-on", "rps", "--max-rps", "15", "--max-replicas", "6")
-    rps.user_data.unlink()
-    backend = flags(rps.one("compute", "backend-services", "add-backend"))
+    backend = flags(rps.one("compute", "backend-services", "update-backend"))
     assert (backend["--balancing-mode"], backend["--max-rate-per-instance"]) == ("RATE", "15")
     scaling = flags(rps.one("compute", "instance-groups", "managed", "set-autoscaling"))
     assert "--target-load-balancing-utilization" in scaling and "--target-cpu-utilization" not in scaling
     assert scaling["--max-num-replicas"] == "6"
-    # Load-balancing utilization is measured against the capacity that add-backend defines.
-    assert rps.index("compute", "backend-services", "add-backend") < rps.index(
+    # Load-balancing utilization is measured against the capacity that update-backend defines.
+    assert rps.index("compute", "backend-services", "update-backend") < rps.index(
         "compute", "instance-groups", "managed", "set-autoscaling"
     )
 
 
 def test_teardown_deletes_in_reverse_order_of_creation(runs):
-    deletes = [resource(argv)[::2] for argv in runs["teardown"].commands]
-    assert all(resource(argv)[1] == "delete" and "--quiet" in argv for argv in runs["teardown"].commands)
-    everything = created(runs["deploy"].commands + runs["scale-out"].commands)
-    assert deletes == everything[::-1]
-    # Also right when only scale-out ran: its resources come out in reverse of its own order.
-    scale_out = created(runs["scale-out"].commands)
-    assert [d for d in deletes if d in scale_out] == scale_out[::-1]
+    teardown = runs["teardown"].commands
+    assert all(resource(argv)[1] in ("delete", "remove-iam-policy-binding") and "--quiet" in argv for argv in teardown)
+    deletes = [resource(argv)[::2] for argv in teardown if resource(argv)[1] == "delete"]
+    everything = created(runs["deploy"].commands + runs["demo"].commands)
+    assert sorted(deletes) == sorted(everything)  # everything both modes create, nothing else
+    for mode in ("deploy", "demo"):  # and each mode's resources in reverse of that mode's order
+        mine = created(runs[mode].commands)
+        assert [d for d in deletes if d in mine] == mine[::-1], mode
+    # The account's role bindings go before the account itself.
+    removals = [teardown.index(a) for a in teardown if resource(a)[1] == "remove-iam-policy-binding"]
+    assert len(removals) == 3 and max(removals) < teardown.index(
+        runs["teardown"].one("iam", "service-accounts", "delete")
+    )
     kept = DryRun("teardown", "--keep-images")
-    assert [resource(a)[::2] for a in kept.commands] == [d for d in deletes if d[0] != "artifacts repositories"]
+    assert ("artifacts repositories", "gtsrb") not in [
+        resource(a)[::2] for a in kept.commands if resource(a)[1] == "delete"
+    ]
 
 
 # ----------------------------------------------------------------------------------------------- cloud-init
 
 
-def test_rendered_cloud_init(runs):
+def test_rendered_cloud_init_runs_the_container_bounded_and_without_metadata_access(runs):
     text = runs["deploy"].user_data.read_text()
     assert text.splitlines()[0] == "#cloud-config"
-    assert "$image" not in text and "$registry_host" not in text
-    doc = yaml.safe_load(text)
-    files = {f["path"]: f["content"] for f in doc["write_files"]}
+    assert "$image" not in text and "$registry_host" not in text and "$memory" not in text
+    files = runs["deploy"].cloud_init()
     service = files["/etc/systemd/system/gtsrb.service"]
-    (run_line,) = [line for line in service.splitlines() if line.startswith("ExecStart=")]
-    argv = shlex.split(run_line.removeprefix("ExecStart="))
+    argv = docker_run_argv(service)
     assert argv[:2] == ["/usr/bin/docker", "run"] and argv[-1] == IMAGE
     published = [argv[i + 1] for i, a in enumerate(argv) if a in ("-p", "--publish")]
-    assert published == ["8080:8080"] and not any(a.startswith(("-p=", "--publish=", "--net")) for a in argv)
+    # 8080 for the load balancer; the metrics only on the VM's loopback, for the collector on the VM.
+    assert published == ["8080:8080", "127.0.0.1:8082:8082"] and "TS_METRICS_ADDRESS=http://0.0.0.0:8082" in argv
+    assert not any(a.startswith(("-p=", "--publish=", "--net", "--privileged", "--cap-add")) for a in argv)
+    assert "--memory=4g" in argv and "--memory-swap=4g" in argv and "--stop-timeout=45" in argv
     assert "--log-driver=gcplogs" in argv and "Restart=always" in service
+    assert "ExecStop=/usr/bin/docker stop --time=45 gtsrb" in service  # the drain has time to finish
+    # The input-statistics log (and the server's other logs) on the persistent disk, writable by the image's user.
+    assert f"{commands.LOG_DIR}:/home/model-server/logs" in argv
+    assert f"ExecStartPre=/usr/bin/install -d -o 10001 -g 0 -m 0775 {commands.LOG_DIR}" in service
+    # Containers on the bridge cannot reach the metadata server (its tokens are the VM's); DNS there still works.
+    pre = [line for line in service.splitlines() if "169.254.169.254" in line and line.startswith("ExecStartPre=")]
+    assert any(" -I DOCKER-USER -d 169.254.169.254/32 -j REJECT" in line for line in pre)
+    assert any("-p udp --dport 53 -j RETURN" in line for line in pre)
     assert "docker-credential-gcr configure-docker --registries europe-west1-docker.pkg.dev" in service
-    assert "ExecStop=/usr/bin/docker stop gtsrb" in service
     watchdog = files["/etc/systemd/system/gtsrb-watchdog.service"]
     assert 'docker inspect -f "{{.State.Health.Status}}" gtsrb' in watchdog  # Go template braces survived
-    assert "unhealthy" in watchdog and "systemctl restart gtsrb.service" in watchdog
-    assert "OnUnitActiveSec=" in files["/etc/systemd/system/gtsrb-watchdog.timer"]
-    assert doc["runcmd"] == [
-        "systemctl daemon-reload",
-        "systemctl start gtsrb.service",
-        "systemctl start gtsrb-watchdog.timer",
-    ]
-    # The instance template boots the very same configuration.
-    template = flags(runs["scale-out"].one("compute", "instance-templates", "create"))
-    assert template["--metadata-from-file"] == f"user-data={runs['scale-out'].user_data}"
-    assert runs["scale-out"].user_data.read_text() == text
+    assert "systemctl restart gtsrb.service" in watchdog
+    assert files["runcmd"] == ["systemctl daemon-reload", "systemctl start gtsrb.service",
+                               "systemctl start gtsrb-watchdog.timer", "systemctl start gtsrb-metrics.service"]  # fmt: skip
+    # The demo VM boots the very same configuration.
+    assert runs["demo"].user_data.read_text() == text
+    bigger = DryRun("deploy", *SECURE, "--memory", "6g", "--machine-type", "e2-standard-4")
+    assert "--memory=6g" in docker_run_argv(bigger.cloud_init()["/etc/systemd/system/gtsrb.service"])
+    bigger.user_data.unlink()
+
+
+def test_metrics_are_scraped_on_the_vm_into_managed_prometheus(runs):
+    files = runs["deploy"].cloud_init()
+    collector = docker_run_argv(files["/etc/systemd/system/gtsrb-metrics.service"])
+    assert "--network=host" in collector and not any(a in ("-p", "--publish") for a in collector)
+    assert collector[-2] == commands.COLLECTOR_IMAGE and collector[-1] == "--config=/etc/otelcol-google/config.yaml"
+    assert "/etc/gtsrb/otelcol.yaml:/etc/otelcol-google/config.yaml:ro" in collector
+    config = yaml.safe_load(files["/etc/gtsrb/otelcol.yaml"])
+    (job,) = config["receivers"]["prometheus"]["config"]["scrape_configs"]
+    assert job["static_configs"] == [{"targets": ["127.0.0.1:8082"]}]  # the port gtsrb.service publishes
+    assert config["service"]["pipelines"]["metrics"]["exporters"] == ["googlemanagedprometheus"]
+    assert config["service"]["pipelines"]["metrics"]["receivers"] == ["prometheus"]
+
+
+def test_drift_logs_copy_every_vm_input_log_through_iap(runs):
+    run = runs["drift-logs"]
+    listing = run.one("compute", "instance-groups", "managed", "list-instances")
+    assert resource(listing)[2] == "gtsrb-serve-mig" and flags(listing)["--format"] == "value(name)"
+    scp = run.one("compute", "scp")
+    assert "--tunnel-through-iap" in scp
+    assert f"INSTANCE:{commands.LOG_DIR}/gtsrb_inputs.jsonl*" in scp and "logs/deployed/INSTANCE/" in scp
+    # make deploy-drift-report runs tools/drift_report.py on what was copied.
+    makefile = (ROOT / "Makefile").read_text()
+    assert "--log 'logs/deployed/*/gtsrb_inputs.jsonl*'" in makefile
 
 
 # ---------------------------------------------------------------------------------------- real runs (no cloud)
 
 
 def test_real_run_without_gcloud_fails_with_one_clear_line():
-    r = cli("deploy", "--project", PROJECT, "--zone", ZONE, "--tag", TAG)
+    r = cli("deploy", "--project", PROJECT, "--zone", ZONE, "--tag", TAG, *SECURE)
     assert r.returncode != 0
     assert r.stderr.strip().count("\n") == 0 and "gcloud not found on PATH" in r.stderr and "--dry-run" in r.stderr
     assert "Traceback" not in r.stderr and not r.stdout  # stopped before printing or running anything
@@ -297,7 +447,8 @@ printf '%s\\n' "$*" >> "$FAKE_LOG"
 for a in "$@"; do
   case "$a" in --metadata-from-file=user-data=*) cp "${a#--metadata-from-file=user-data=}" "$FAKE_LOG.user-data" || exit 9;; esac
 done
-case "$*" in *"--format=get(networkInterfaces"*) echo 203.0.113.7; exit 0;; esac
+case "$*" in *"--format=get(address)"*) echo 203.0.113.7; exit 0;; esac
+case "$*" in *"list-instances"*) printf 'gtsrb-serve-ab12\\ngtsrb-serve-cd34\\n'; exit 0;; esac
 if [ -n "$FAKE_FAIL" ]; then case "$*" in *"$FAKE_FAIL"*) echo "fake failure" >&2; exit 7;; esac; fi
 case "$*" in *" describe "*)
   if [ -n "$FAKE_EXISTING" ]; then case "$*" in *"$FAKE_EXISTING"*) exit 0;; esac; fi
@@ -325,22 +476,22 @@ def fake_gcloud(tmp_path):
 
 
 def test_real_deploy_reuses_what_exists_and_cleans_up(fake_gcloud):
-    r, calls = fake_gcloud("deploy", "--no-build", FAKE_EXISTING="firewall-rules describe")
+    r, calls = fake_gcloud("deploy", *SECURE, "--no-build", FAKE_EXISTING="firewall-rules describe")
     assert r.returncode == 0, r.stderr
     assert not any(c.startswith("builds submit") for c in calls)  # --no-build
     assert any(c.startswith("compute firewall-rules describe") for c in calls)
-    assert not any(c.startswith("compute firewall-rules create") for c in calls)  # it exists: skipped
+    assert not any(c.startswith("compute firewall-rules create") for c in calls)  # they exist: skipped
     assert any(c.startswith("artifacts repositories create") for c in calls)  # describe failed: created
-    assert any(c.startswith("compute health-checks create http") for c in calls)
-    (vm,) = [c for c in calls if c.startswith("compute instances create")]
-    user_data = Path(re.search(r"--metadata-from-file=user-data=(\S+)", vm).group(1))
+    (template,) = [c for c in calls if c.startswith("compute instance-templates create")]
+    user_data = Path(re.search(r"--metadata-from-file=user-data=(\S+)", template).group(1))
     assert IMAGE in Path(f"{fake_gcloud.log}.user-data").read_text()  # gcloud could read it during the call
     assert not user_data.exists()  # and the temp file is gone afterwards
-    assert "curl -T sign.png http://203.0.113.7:8080/predictions/gtsrb" in r.stdout
+    assert f"point the DNS A record of {DOMAIN} at 203.0.113.7" in r.stdout
+    assert f"https://{DOMAIN}/predictions/gtsrb" in r.stdout
 
 
 def test_real_run_stops_at_the_first_failure(fake_gcloud):
-    r, calls = fake_gcloud("scale-out", "--no-build", FAKE_FAIL="instance-templates create")
+    r, calls = fake_gcloud("deploy", *SECURE, "--no-build", FAKE_FAIL="instance-templates create")
     assert r.returncode != 0
     assert "instance-templates create" in r.stderr and "Traceback" not in r.stderr
     assert calls[-1].startswith("compute instance-templates create")  # nothing ran after it
@@ -350,8 +501,18 @@ def test_real_run_stops_at_the_first_failure(fake_gcloud):
 def test_real_teardown_goes_on_past_missing_resources_and_reports_them(fake_gcloud):
     r, calls = fake_gcloud("teardown", FAKE_FAIL="forwarding-rules delete")
     assert r.returncode == 1
-    assert len(calls) == len(gce.teardown_commands(gce.Config(project=PROJECT, zone=ZONE)))  # all were tried
+    assert len(calls) == len(commands.teardown_commands(commands.Config(project=PROJECT, zone=ZONE)))  # all tried
     assert "forwarding-rules delete" in r.stderr and "url-maps delete" not in r.stderr
+
+
+def test_real_drift_logs_copies_from_each_vm(fake_gcloud, tmp_path):
+    r, calls = fake_gcloud("drift-logs", "--dest", str(tmp_path / "deployed"))
+    assert r.returncode == 0, r.stderr
+    scps = [c.split() for c in calls if c.startswith("compute scp")]
+    vms = ("gtsrb-serve-ab12", "gtsrb-serve-cd34")  # what the fake's list-instances returned
+    assert [s[-2] for s in scps] == [f"{tmp_path}/deployed/{vm}/" for vm in vms]
+    assert all("--tunnel-through-iap" in s for s in scps)
+    assert all((tmp_path / "deployed" / vm).is_dir() for vm in vms)  # scp needs the folder; the run made it
 
 
 def test_real_build_needs_the_model_archive(fake_gcloud, tmp_path, monkeypatch):
@@ -359,5 +520,5 @@ def test_real_build_needs_the_model_archive(fake_gcloud, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_LOG", str(fake_gcloud.log))
     with pytest.raises(SystemExit, match="make archive"):
-        gce.main(["deploy", "--project", PROJECT, "--zone", ZONE, "--tag", TAG])
+        gce.main(["deploy", "--project", PROJECT, "--zone", ZONE, "--tag", TAG, *SECURE])
     assert not fake_gcloud.log.exists()  # checked before any gcloud call

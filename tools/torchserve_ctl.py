@@ -1,7 +1,7 @@
 """Start TorchServe with the project's archive and config, wait until the model is READY, stop it.
 
     python -m tools.torchserve_ctl start [--config config.properties] [--timeout 120]
-    python -m tools.torchserve_ctl stop
+    python -m tools.torchserve_ctl stop [--drain-timeout 30]   # waits for no request in flight, then stops
     python -m tools.torchserve_ctl status [--quiet]   # exit 0 only when the model's workers are READY
 
 TorchServe's /ping answers "Healthy" even when the model failed to load, so readiness is read from
@@ -158,8 +158,57 @@ def start(
         return subprocess.Popen(cmd, cwd=log_dir, env=_env(log_dir, tmpdir), stdout=out, stderr=subprocess.STDOUT)
 
 
-def stop(log_dir: Path, tmpdir: Path | None = None) -> None:
-    subprocess.run([_torchserve(), "--stop"], capture_output=True, env=_env(log_dir, tmpdir), timeout=60)
+def busy(management: str, model: str = MODEL) -> bool | None:
+    """Requests queued for the model, or a worker computing; None when the server does not answer.
+
+    TorchServe publishes the queue, not what its workers are doing, so a worker counts as busy while one of
+    its threads is running (an idle worker sleeps on its socket)."""
+    import psutil  # only here: the container's HEALTHCHECK imports this module every 10 s
+
+    try:
+        with urllib.request.urlopen(f"{management}/models/{model}", timeout=2) as r:
+            desc = json.loads(r.read())[0]
+    except (urllib.error.URLError, OSError, ValueError, IndexError):
+        return None
+    if desc.get("jobQueueStatus", {}).get("pendingRequests", 0):
+        return True
+    for worker in desc.get("workers", []):
+        try:
+            threads = psutil.Process(worker["pid"]).threads()
+            if any(psutil.Process(t.id).status() == psutil.STATUS_RUNNING for t in threads):
+                return True
+        except (psutil.Error, KeyError):
+            pass
+    return False
+
+
+def drain(management: str, timeout: float, model: str = MODEL) -> bool:
+    """Wait until nothing is queued or computing for 150 ms; False if that did not happen within timeout.
+
+    TorchServe's frontend closes every client connection when it is told to stop, requests in flight
+    included, and it cannot be told to stop accepting first. So the best a stop can do without a proxy in
+    front (the container has one: docker/serve.py) is to wait for a moment when no request is in flight."""
+    deadline = time.monotonic() + timeout
+    idle = 0
+    while idle < 3:
+        state = busy(management, model)
+        if state is None:
+            return True  # not answering: nothing to drain
+        idle = 0 if state else idle + 1
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def stop(log_dir: Path, tmpdir: Path | None = None, management: str | None = None, drain_timeout: float = 30) -> bool:
+    """Stop TorchServe and wait until it has exited; first, with ``management``, drain (see drain()).
+    Returns False when the drain timed out (requests in flight may then have been cut)."""
+    drained = drain(management, drain_timeout) if management else True
+    # --foreground makes --stop wait (up to 60 s) until the frontend has exited.
+    cmd = [_torchserve(), "--stop", "--foreground"]
+    subprocess.run(cmd, capture_output=True, env=_env(log_dir, tmpdir), timeout=90)
+    return drained
 
 
 def main() -> None:
@@ -170,12 +219,18 @@ def main() -> None:
     p.add_argument("--log-dir", type=Path, default=ROOT / "logs")
     p.add_argument("--timeout", type=float, default=120)
     p.add_argument("--quiet", action="store_true", help="status: print nothing, only the exit code")
+    p.add_argument("--drain-timeout", type=float, default=30,
+                   help="stop: seconds to wait for no request in flight before stopping anyway")  # fmt: skip
     args = p.parse_args()
     props = read_properties(args.config)
     # TS_* variables override config.properties when enable_envvars_config=true (the container uses that).
     management = os.environ.get("TS_MANAGEMENT_ADDRESS") or props.get("management_address", "http://127.0.0.1:8081")
     if args.action == "stop":
-        stop(args.log_dir)
+        t0 = time.monotonic()
+        if stop(args.log_dir, management=management, drain_timeout=args.drain_timeout):
+            print(f"TorchServe stopped after {time.monotonic() - t0:.1f}s (no request in flight)")
+        else:
+            print(f"TorchServe stopped: still busy after {args.drain_timeout:.0f}s, requests in flight were cut")
         return
     if args.action == "status":  # also the container's HEALTHCHECK
         status = model_status(management)

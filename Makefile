@@ -113,8 +113,10 @@ DEPLOY_SECURE = --domain $(DOMAIN) $(if $(IAP_MEMBER),--iap-member $(IAP_MEMBER)
 deploy-check:
 	@[ -n "$(PROJECT)" ] && [ -n "$(ZONE)" ] || { echo "usage: make $(MAKECMDGOALS) PROJECT=<project id> ZONE=<zone, e.g. europe-west1-b> [DOMAIN=<dns name> IAP_MEMBER=<member>]" >&2; exit 2; }
 
-deploy: deploy-check model_store/gtsrb.mar ## private VMs behind HTTPS LB + IAP + Cloud Armor (PROJECT= ZONE= DOMAIN= IAP_MEMBER=)
+deploy-domain:
 	@[ -n "$(DOMAIN)" ] || { echo "make deploy needs DOMAIN=<dns name for the certificate> (or: make deploy-demo)" >&2; exit 2; }
+
+deploy: deploy-check deploy-domain model_store/gtsrb.mar ## private VMs behind HTTPS LB + IAP + Cloud Armor (PROJECT= ZONE= DOMAIN= IAP_MEMBER=)
 	$(DEPLOY) deploy $(DEPLOY_TARGET) $(DEPLOY_SECURE) $(DEPLOY_ARGS)
 
 deploy-demo: deploy-check model_store/gtsrb.mar ## PUBLIC plain-HTTP demo: one VM with a public IP, :8080 open, no login
@@ -136,7 +138,7 @@ deploy-drift-report: deploy-check $(VENV)/.dev ## copy the VMs' input logs (gclo
 	$(DEPLOY) drift-logs $(DEPLOY_TARGET) $(DEPLOY_ARGS)
 	$(PY) -m tools.drift_report --log 'logs/deployed/*/gtsrb_inputs.jsonl*' --output reports/drift-deployed
 
-.PHONY: docker-build docker-run docker-test docker-lock docker-sbom hadolint deploy-check deploy deploy-demo deploy-scale-out deploy-teardown deploy-dry-run deploy-drift-report
+.PHONY: docker-build docker-run docker-test docker-lock docker-sbom hadolint deploy-check deploy-domain deploy deploy-demo deploy-scale-out deploy-teardown deploy-dry-run deploy-drift-report
 
 soak: $(VENV)/.dev ## kill -9 a worker under load, overload the queue, 5 min at concurrency 64 -> RELIABILITY.md (needs wrk)
 	PATH=$(BIN):$$PATH $(PY) -m bench.soak $(SOAK_ARGS)

@@ -81,4 +81,12 @@ def test_input_log_rotates_and_stays_bounded(tmp_path):
         log.write([(32, 32)] * 5, [[0.5] * 7] * 5, [1] * 5, [0.9] * 5)
     files = sorted(tmp_path.glob("in.jsonl*"))
     assert len(files) == 3 and all(f.stat().st_size <= 4000 for f in files)
-    assert json.loads(files[0].read_text().splitlines()[0]).keys() == {"t", "w", "h", "stats", "class", "p", "model_version"}
+    assert json.loads(files[0].read_text().splitlines()[0]).keys() == {
+        "t",
+        "w",
+        "h",
+        "stats",
+        "class",
+        "p",
+        "model_version",
+    }

@@ -8,18 +8,21 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from image_input import InputError, decode_image, request_bytes
+from image_input import as_input_error, decode_image, request_bytes
 from presets import EvalPreset, image_stats
+from saliency import integrated_gradients, saliency_map
 from serving_metrics import HandlerMetrics, InputLog
 from ts.torch_handler.base_handler import BaseHandler
 
 
 class GTSRBHandler(BaseHandler):
-    """Image bytes -> top-k {class name: probability}, highest first (the stock image-classifier shape).
+    """Image bytes -> top-k {class name: probability}, highest first (the stock image-classifier shape);
+    on /explanations, {class, probability, saliency} with a 32x32 integrated-gradients map of the top-1 class.
 
     BaseHandler loads the TorchScript model, ``index_to_name.json`` and ``model-config.yaml``; this
-    class adds decoding with per-request errors: in a batch, a bad image gets its own 4xx JSON error
-    and the others still get their predictions (stock handlers fail the whole batch with a 503).
+    class adds per-request answers: in a batch, a request that cannot be read gets its own 4xx JSON
+    error and the others still get theirs (stock handlers fail the whole batch with a 503), and each
+    request is a prediction or an explanation by its own header (BaseHandler looks at request 0 only).
     Preprocessing is ``presets.EvalPreset``, the training pipeline's own; normalisation and resizing
     to the network's resolution are inside the exported model.
     """
@@ -27,44 +30,65 @@ class GTSRBHandler(BaseHandler):
     def initialize(self, context):
         cfg = context.model_yaml_config.get("handler", {})
         torch.set_num_threads(int(cfg["torch_threads"]))
+        # TorchServe's worker would json.loads every application/json body before the handler sees it
+        # (16 MiB of "[[],[]..." is 400 MB of Python objects); image_input parses them with a bound.
+        os.environ["TS_DECODE_INPUT_REQUEST"] = "false"
         super().initialize(context)
         self.topk = int(cfg["topk"])
         self.max_pixels = int(cfg["max_pixels"])
+        self.explain_steps = int(cfg["explain_steps"])
         self.image_size = int(self.model.image_size)
         self.preset = EvalPreset(size=self.image_size)
         self.names = [self.mapping[str(i)] for i in range(len(self.mapping))]
         self.stats = HandlerMetrics(context.metrics, context.model_name, float(cfg["low_confidence"]))
+        self.model_version = str((context.manifest or {}).get("model", {}).get("modelVersion", "unknown"))
         self.input_log = None
         if cfg.get("input_log_mb", 0) > 0:  # per-request input statistics for `make drift-report`
             path = Path(os.environ.get("LOG_LOCATION", "logs")) / "gtsrb_inputs.jsonl"
-            self.input_log = InputLog(path, int(cfg["input_log_mb"] * 2**20), backups=3)
+            self.input_log = InputLog(
+                path, int(cfg["input_log_mb"] * 2**20), backups=3, model_version=self.model_version
+            )
 
     def _load_torchscript_model(self, model_pt_path):
         with warnings.catch_warnings():  # torch 2.14 flags TorchScript as deprecated on every load
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
             return super()._load_torchscript_model(model_pt_path)
 
+    def _is_explain(self):
+        return False  # decided per request in preprocess
+
     def preprocess(self, data):
-        """Decode each request; a bad one becomes an InputError for its index, the rest a uint8 batch."""
+        """Decode each request; one that cannot be read becomes an InputError for its index, the rest a
+        uint8 batch, each marked as a prediction or an explanation."""
         t0 = time.perf_counter()
-        images, sizes, errors = [], [], {}
+        images, sizes, explain, errors = [], [], [], {}
         for i, row in enumerate(data):
             try:
+                wants_explanation = self.context.get_request_header(i, "explain") == "True"  # set by /explanations
                 img = decode_image(request_bytes(row), max_pixels=self.max_pixels, draft_size=2 * self.image_size)
                 images.append(self.preset(img))
                 sizes.append(img.size)
-            except InputError as e:
-                errors[i] = e
+                explain.append(wants_explanation)
+            except Exception as e:
+                errors[i] = as_input_error(e)
         batch = torch.stack(images) if images else None
-        return {"images": batch, "sizes": sizes, "errors": errors, "preprocess_ms": (time.perf_counter() - t0) * 1e3}
+        return {"images": batch, "sizes": sizes, "explain": explain, "errors": errors,
+                "preprocess_ms": (time.perf_counter() - t0) * 1e3}  # fmt: skip
 
     def inference(self, data, *args, **kwargs):
-        data["top"], data["inference_ms"] = None, 0.0
+        data["top"], data["saliency"], data["inference_ms"] = None, {}, 0.0
         if data["images"] is not None:
             t0 = time.perf_counter()
+            x = data["images"].to(self.device)
             with torch.inference_mode():
-                probs = self.model(data["images"].to(self.device)).softmax(1)
-            data["top"], data["inference_ms"] = probs.topk(self.topk, 1), (time.perf_counter() - t0) * 1e3
+                data["top"] = self.model(x).softmax(1).topk(self.topk, 1)
+            wanted = [k for k, e in enumerate(data["explain"]) if e]
+            if wanted:
+                targets = data["top"].indices[wanted, 0].tolist()
+                black = torch.zeros(3, 1, 1, device=self.device)
+                attr = integrated_gradients(self.model, x[wanted], targets, baseline=black, steps=self.explain_steps)
+                data["saliency"] = dict(zip(wanted, saliency_map(attr).double().cpu().numpy().round(4).tolist()))
+            data["inference_ms"] = (time.perf_counter() - t0) * 1e3
         return data
 
     def postprocess(self, data):
@@ -72,14 +96,16 @@ class GTSRBHandler(BaseHandler):
         scores, indices = (
             (data["top"].values.tolist(), data["top"].indices.tolist()) if data["top"] is not None else ([], [])
         )
-        out, good = [], iter(zip(indices, scores))
+        out, k = [], 0  # k: index among the decoded images
         for i in range(len(scores) + len(errors)):
             if i in errors:
-                self.context.set_response_status(errors[i].status, str(errors[i]), i)
+                self.context.set_response_status(errors[i].status, errors[i].phrase, i)
                 body = errors[i].as_response()
+            elif k in data["saliency"]:
+                c, p = indices[k][0], scores[k][0]
+                body, k = {"class": self.names[c], "probability": p, "saliency": data["saliency"][k]}, k + 1
             else:
-                classes, probs = next(good)
-                body = {self.names[c]: p for c, p in zip(classes, probs)}
+                body, k = {self.names[c]: p for c, p in zip(indices[k], scores[k])}, k + 1
             self.context.set_response_content_type(i, "application/json")
             out.append(json.dumps(body))
         self._monitor(data, [c[0] for c in indices], [p[0] for p in scores])

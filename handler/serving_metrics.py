@@ -63,9 +63,10 @@ class HandlerMetrics:
 
 
 class InputLog:
-    """Rotating JSON lines: {t, w, h, stats, class, p} per successfully classified request."""
+    """Rotating JSON lines: {t, w, h, stats, class, p, model_version} per successfully classified request."""
 
-    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+    def __init__(self, path: Path, max_bytes: int, backups: int, model_version: str = "unknown") -> None:
+        self.model_version = model_version
         path.parent.mkdir(parents=True, exist_ok=True)
         self.logger = logging.getLogger(f"gtsrb.inputs.{path}")
         self.logger.propagate = False
@@ -80,5 +81,6 @@ class InputLog:
     ) -> None:
         now = round(time.time(), 3)
         for (w, h), st, c, p in zip(sizes, stats, classes, probs):
-            row = {"t": now, "w": w, "h": h, "stats": [round(v, 5) for v in st], "class": c, "p": round(p, 5)}
+            row = {"t": now, "w": w, "h": h, "stats": [round(v, 5) for v in st], "class": c, "p": round(p, 5),
+                   "model_version": self.model_version}  # fmt: skip
             self.logger.info(json.dumps(row, separators=(",", ":")))

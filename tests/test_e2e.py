@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import psutil
@@ -12,42 +13,16 @@ from PIL import Image
 
 from tests.conftest import ROOT
 from tests.corpus import SAME_PREDICTION, hostile_bodies, odd_images, png_header_only
-from tools import archive, torchserve_ctl
+from tests.ts_server import serving, worker_pids
 
 pytestmark = pytest.mark.e2e
 NAMES = json.loads((ROOT / "handler" / "index_to_name.json").read_text())
 
 
-def processes_under(path) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(str(path) in part for part in p.info["cmdline"] or []):
-                found.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return found
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("ts")
-    store = base / "model_store"
-    archive.build(export_path=store)
-    urls = torchserve_ctl.write_config(
-        ROOT / "config.properties", base / "config.properties", torchserve_ctl.free_ports()
-    )
-    proc = torchserve_ctl.start(base / "config.properties", store, base / "logs", tmpdir=base / "tmp", foreground=True)
-    try:
-        torchserve_ctl.wait_ready(urls["management"], timeout=180, proc=proc)
+    with serving(tmp_path_factory.mktemp("ts")) as urls:
         yield urls
-    finally:
-        torchserve_ctl.stop(base / "logs", tmpdir=base / "tmp")
-        proc.wait(timeout=60)
-        leftovers = processes_under(base)
-        for p in leftovers:
-            p.kill()
-        assert not leftovers, f"processes left behind: {[p.info['cmdline'] for p in leftovers]}"
 
 
 def predict(url, **kw) -> requests.Response:
@@ -58,12 +33,6 @@ def png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "PNG")
     return buf.getvalue()
-
-
-def worker_pids(server) -> set[int]:
-    desc = requests.get(f"{server['management']}/models/gtsrb", timeout=5).json()[0]
-    assert all(w["status"] == "READY" for w in desc["workers"])
-    return {w["pid"] for w in desc["workers"]}
 
 
 def test_real_signs_raw_and_multipart(server, real_signs):
@@ -170,7 +139,17 @@ def test_prometheus_metrics_move_with_traffic(server, real_signs):
     for _ in range(3):
         assert predict(server["inference"], data=path.read_bytes()).status_code == 200
     assert predict(server["inference"], data=b"junk", headers={"Content-Type": "image/png"}).status_code == 400
-    after = scrape()
+
+    # The worker reports its metrics to the frontend after it has answered: wait until the last one is in.
+    def moved(name, **labels) -> float:
+        return _metric(after, name, **labels) - _metric(before, name, **labels)
+
+    after, deadline = scrape(), time.monotonic() + 30
+    while (moved("ts_inference_requests_total") < 4 or not moved("GTSRBRequests", Outcome="bad_input")) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.2)
+        after = scrape()
     name = NAMES[str(cls)]
     assert (
         _metric(after, "GTSRBPredictedClass", ClassName=name) - _metric(before, "GTSRBPredictedClass", ClassName=name)

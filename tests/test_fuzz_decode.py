@@ -16,6 +16,7 @@ presets = pytest.importorskip("presets")
 _rng = np.random.default_rng(0)
 _SIGN = Image.fromarray(_rng.integers(0, 256, (24, 24, 3), dtype=np.uint8))
 SEEDS = [encode(_SIGN, fmt) for fmt in ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "PPM")]
+SEEDS.append(encode(_SIGN, "JPEG", progressive=True))  # the JPEG marker walk in image_input
 PRESET = presets.EvalPreset()
 
 

@@ -1,57 +1,27 @@
 """The handler without Java: a real ts.context.Context, the shipped model, images made in memory."""
 
 import base64
+import io
 import json
-import shutil
 
+import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
-from ts.context import Context, RequestProcessor
-from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
-from tests.conftest import MODEL, ROOT
+from tests.conftest import ROOT
 from tests.corpus import SAME_PREDICTION, encode, hostile_bodies, odd_images, png_header_only
-
-
-def metrics_cache() -> MetricsCacheYamlImpl:
-    cache = MetricsCacheYamlImpl(config_file_path=str(ROOT / "metrics.yaml"))
-    cache.initialize_cache()
-    cache.model_name = "gtsrb"  # as TorchServe's model loader sets it
-    return cache
+from tests.handler_harness import CONFIG, MODEL_VERSION, batch_context, make_handler, run
 
 
 @pytest.fixture(scope="module")
 def handler(tmp_path_factory):
-    from gtsrb_handler import GTSRBHandler
-
     log_dir = tmp_path_factory.mktemp("logs")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LOG_LOCATION", str(log_dir))
-
-    model_dir = tmp_path_factory.mktemp("model")
-    shutil.copy(MODEL, model_dir / "gtsrb.pt")
-    shutil.copy(ROOT / "handler" / "index_to_name.json", model_dir)
-    cfg = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())
-    ctx = Context("gtsrb", str(model_dir), {"model": {"serializedFile": "gtsrb.pt"}}, 8, None, "0.12.0",
-                  metrics=metrics_cache(), model_yaml_config=cfg)  # fmt: skip
-    h = GTSRBHandler()
-    h.initialize(ctx)
-    h.log_dir = log_dir
-    yield h
-    mp.undo()
-
-
-def run(handler, rows):
-    """handle() a batch; returns [(status, parsed JSON body)] per request."""
-    ctx = Context("gtsrb", "", {}, len(rows), None, "0.12.0", metrics=metrics_cache())
-    ctx.request_processor = [RequestProcessor({}) for _ in rows]
-    ctx.request_ids = {i: f"request-{i}" for i in range(len(rows))}
-    ctx.metrics.set_request_ids(ctx.request_ids)
-    out = handler.handle(rows, ctx)
-    assert len(out) == len(rows)
-    return [(ctx.request_processor[i].get_response_status_code(), json.loads(o)) for i, o in enumerate(out)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LOG_LOCATION", str(log_dir))
+        h = make_handler(tmp_path_factory.mktemp("model"))
+        h.log_dir = log_dir
+        yield h
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +49,8 @@ def test_every_input_form_gives_the_same_answer(handler, stop_sign):
         {"file": png},  # multipart with another field name
         {"body": {"data": b64}},  # JSON parsed by TorchServe
         {"body": json.dumps({"data": b64}).encode()},  # JSON left as bytes
-        {"body": b64},  # base64 text body
+        {"body": b64.encode()},  # base64 text body, as TorchServe passes it (its text decoding is off)
+        {"body": b64},  # base64 text body, decoded to str
     ]
     results = run(handler, rows)
     assert all(s == 200 for s, _ in results)
@@ -165,6 +136,7 @@ def test_handler_preprocessing_is_the_training_preprocessing(handler, real_signs
         files.append(folder / f"00000_{i:05d}.ppm")
         img.save(files[-1])
     trained = gdata.load_tensors(gdata.gtsrb(str(tmp_path), "train"))["images"]
+    handler.context = batch_context(len(files))
     batch = handler.preprocess([{"body": f.read_bytes()} for f in files])
     assert not batch["errors"]
     served = batch["images"]
@@ -200,3 +172,115 @@ def test_input_statistics_are_logged_never_images(handler, stop_sign):
     row = json.loads(new[0])
     assert (row["w"], row["h"]) == stop_sign.size and len(row["stats"]) == 7
     assert row["class"] == 14 and 0 < row["p"] <= 1
+    assert row["model_version"] == MODEL_VERSION  # the archive's version, from TorchServe's manifest
+
+
+# ---- size limits and formats: what a request may cost
+
+
+MAX_PIXELS = CONFIG["handler"]["max_pixels"]
+
+
+def test_size_limit_counts_the_pixels_decoded(handler):
+    """PNG up to the limit passes; one pixel row more is a 413 before decoding. A baseline JPEG decodes at
+    1/8 scale, so a 24 MP phone photo passes; a progressive one holds the whole image, so it counts whole."""
+    side = int(MAX_PIXELS**0.5)
+    gray = Image.new("L", (side, side), 90)
+    rows = [
+        {"body": encode(gray, "PNG")},
+        {"body": encode(gray.resize((side, side + 1)), "PNG")},
+        {"body": encode(Image.new("RGB", (6000, 4000), (200, 30, 30)), "JPEG")},
+        {"body": encode(Image.new("RGB", (side, side + 1), (200, 30, 30)), "JPEG", progressive=True)},
+        {"body": encode(Image.new("RGB", (1000, 1000), (200, 30, 30)), "JPEG", progressive=True)},
+    ]
+    results = run(handler, rows)
+    assert [s for s, _ in results] == [200, 413, 200, 413, 200]
+    assert "progressive" in results[3][1]["message"]
+
+
+def test_only_the_listed_formats_are_decoded(handler, stop_sign):
+    """Formats Pillow could open but the README does not list (EPS would start Ghostscript) are refused."""
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n0 0 moveto 16 16 lineto stroke\n"
+    others = {fmt: encode(stop_sign, fmt) for fmt in ("ICO", "TGA", "PCX", "SGI", "DDS", "QOI")}
+    results = run(handler, [{"body": eps}] + [{"body": b} for b in others.values()])
+    assert [(s, b["type"]) for s, b in results] == [(400, "InvalidImage")] * (len(others) + 1)
+
+
+def smooth_image(mode: str, size: tuple[int, int]) -> Image.Image:
+    """A large image with structure at every scale the model sees (gradients and blocks)."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    rgb = np.stack([xx * 255 // w, yy * 255 // h, ((xx // 97 + yy // 61) % 2) * 200], -1).astype(np.uint8)
+    img = Image.fromarray(rgb)
+    if mode == "I;16":
+        return Image.fromarray(np.asarray(img.convert("L"), dtype=np.uint16) * 257)
+    return img.convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "L", "I;16", "1"])
+def test_large_images_reach_the_model_as_they_would_at_full_size(mode):
+    """Large images are box-reduced before their mode conversions (to bound memory); the 32x32 the model
+    sees stays what a full-size conversion would give (within 2 levels on average)."""
+    from image_input import decode_image
+    from presets import EvalPreset
+
+    img = smooth_image(mode, (2000, 1500))
+    data = encode(img, "PNG")
+    served = EvalPreset()(decode_image(data, max_pixels=MAX_PIXELS, draft_size=64)).float()
+    full = Image.open(io.BytesIO(data))
+    if mode == "I;16":
+        full = Image.fromarray((np.asarray(full) // 257).astype(np.uint8))
+    reference = EvalPreset()(full.convert("RGB")).float()
+    assert (served - reference).abs().mean() < 2.0
+
+
+def test_exif_orientation_of_a_large_image_is_applied():
+    from image_input import decode_image
+
+    img = smooth_image("RGB", (2048, 1024))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored on its side: turn 90 degrees clockwise to show
+    decoded = decode_image(encode(img, "PNG", exif=exif), max_pixels=MAX_PIXELS, draft_size=64)
+    upright = img.transpose(Image.Transpose.ROTATE_270).resize(decoded.size, Image.Resampling.BOX)
+    assert decoded.size[1] > decoded.size[0]
+    assert np.abs(np.asarray(decoded, dtype=float) - np.asarray(upright, dtype=float)).mean() < 2.0
+
+
+# ---- explanations
+
+
+def test_explanations_are_answered_per_request(handler, stop_sign):
+    """/explanations and /predictions requests can share a batch (BaseHandler would treat every request
+    as request 0 is): each gets its own kind of answer, a bad one its 4xx."""
+    good = {"body": encode(stop_sign, "PNG")}
+    results = run(handler, [good, good, {"body": b"junk"}, good], explain={1, 2, 3})
+    (s0, prediction), (s1, explanation), (s2, error), (s3, explanation3) = results
+    assert (s0, s1, s2, s3) == (200, 200, 400, 200) and error["type"] == "InvalidImage"
+    assert next(iter(prediction)) == "Stop" and len(prediction) == 5
+    assert set(explanation) == {"class", "probability", "saliency"}
+    assert explanation["class"] == "Stop" and explanation["probability"] == pytest.approx(prediction["Stop"])
+    saliency = np.array(explanation["saliency"])
+    assert saliency.shape == (32, 32) and saliency.min() >= 0 and saliency.max() == 1
+    assert explanation3 == explanation
+    results = run(handler, [good, good], explain={0})
+    assert "saliency" in results[0][1] and next(iter(results[1][1])) == "Stop"
+
+
+def test_saliency_is_integrated_gradients_as_captum_computes_it(handler):
+    """Our few lines against captum's IntegratedGradients on the shipped model: the same attributions; and
+    with the served number of steps they add up to the logit's change from the black baseline."""
+    from captum.attr import IntegratedGradients
+    from saliency import integrated_gradients
+
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    targets = [0, 14, 42]
+    black = torch.zeros(3, 1, 1)
+    steps = CONFIG["handler"]["explain_steps"]
+    ours = integrated_gradients(handler.model, images, targets, baseline=black, steps=steps)
+    theirs = IntegratedGradients(handler.model).attribute(
+        images.float(), baselines=0.0, target=targets, n_steps=steps, method="gausslegendre"
+    )
+    assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-6 * theirs.abs().max().item())
+    with torch.no_grad():
+        change = handler.model(images.float())[range(3), targets] - handler.model(torch.zeros(1, 3, 32, 32))[0, targets]
+    assert torch.allclose(ours.sum((1, 2, 3)), change, rtol=0.15)

@@ -24,9 +24,11 @@ from pathlib import Path
 
 import psutil
 
-from bench.bench import CONFIG, MODEL, PATH, ROOT, WRK_SCRIPT, ensure_wrk, make_images, run_wrk, torchserve
-from bench.bench import torchserve_processes as ts_processes
-from tools import archive
+from bench.inputs import DATA_ROOT, make_images
+from bench.rss import torchserve_processes
+from bench.servers import CONFIG, MODEL, PREDICTIONS
+from bench.wrk import ensure_wrk, run_wrk, write_inputs
+from tools import archive, torchserve_ctl
 
 # First match wins, tested from the innermost frame outwards: a stage is the innermost function we know.
 STAGES = [
@@ -55,25 +57,20 @@ def main(argv=None) -> None:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--duration", type=int, default=20, help="seconds of load (py-spy samples all but 5 of them)")
     p.add_argument("--output", type=Path, default=Path("reports/profile"))
-    p.add_argument(
-        "--data-root", type=Path, default=Path(os.environ.get("GTSRB_ROOT") or ROOT.parent / "shared" / "data")
-    )
+    p.add_argument("--data-root", type=Path, default=DATA_ROOT)
     args = p.parse_args(argv)
     ensure_wrk()
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     args.output.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gtsrb-profile-"))
     images = make_images(args.data_root, work / "images", 200)
-    listing = work / "images.txt"
-    listing.write_text("".join(f"{p}\n" for p in images))
-    script = work / "bodies.lua"
-    script.write_text(WRK_SCRIPT)
+    script, listing = write_inputs(work, images)
     store = work / "model_store"
     archive.build(model=MODEL, export_path=store)
-    with torchserve(work / "ts", store, CONFIG) as (urls, proc, _):
-        url = urls["inference"] + PATH
+    with torchserve_ctl.serving(work / "ts", store, CONFIG) as ts:
+        url = ts.urls["inference"] + PREDICTIONS
         run_wrk(url, 8, 3, script, listing)  # warm-up
-        workers, java = ts_processes(proc.pid)
+        workers, java = torchserve_processes(ts.proc.pid)
 
         # Pass 1, no profiler: how the two cores are shared between the load generator, Java and the workers.
         load = start_load(url, args.concurrency, args.duration, script, listing)
@@ -140,12 +137,12 @@ def cpu_seconds(procs) -> float:
 _WRK_CALL = """
 import sys
 from pathlib import Path
-from bench.bench import run_wrk
+from bench.wrk import failed, run_wrk
 url, c, d, script, listing = sys.argv[1:]
 r = run_wrk(url, int(c), int(d), Path(script), Path(listing))
 lat = r["latency_us"]
 print(f"{r['rps']:.0f} req/s, p50 {lat.get('p50', 0) / 1e3:.1f} ms, p99 {lat.get('p99', 0) / 1e3:.1f} ms, "
-      f"errors {sum(r['errors'].values())}")
+      f"failed {failed(r)}")
 """
 
 if __name__ == "__main__":

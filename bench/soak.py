@@ -1,12 +1,15 @@
-"""Faults and sustained load against the project's TorchServe -> RELIABILITY.md.
+"""Faults and sustained load against the project's TorchServe -> reports/soak/soak.md.
 
-    python -m bench.soak [--soak-seconds 300] [--output RELIABILITY.md]
+    python -m bench.soak [--soak-seconds 300] [--output reports/soak/soak.md]
 
 1. kill -9 a worker under load (wrk, concurrency 32): failed requests, time until every worker is READY
    again, what the readiness check (tools.torchserve_ctl.model_status, used by `make serve`) saw.
 2. overload beyond job_queue_size (a copy of the config with a small queue): the refusals are clean 503s
    with a JSON message, and a normal load right after has no error.
-3. soak: --soak-seconds at concurrency 64: errors, worker RSS at the start and the end.
+3. soak: --soak-seconds at concurrency 64: failed requests, worker RSS at the start and the end.
+
+A failed request is one with no answer (socket error, timeout) or with HTTP status >= 400 (bench.wrk.failed).
+The report is generated output (reports/, git-ignored); RELIABILITY.md is written by hand and quotes it.
 """
 
 import argparse
@@ -16,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -25,21 +27,18 @@ from pathlib import Path
 import psutil
 import requests
 
-from bench.bench import CONFIG, MODEL, PATH, WRK_SCRIPT, _rss_mib, ensure_wrk, make_images, run_wrk, torchserve
-from bench.bench import torchserve_processes as processes
+from bench.inputs import DATA_ROOT, make_images
+from bench.rss import rss_mib
+from bench.rss import torchserve_processes as processes
+from bench.servers import CONFIG, MODEL, PREDICTIONS, ROOT
+from bench.wrk import ensure_wrk, failed, run_wrk, socket_errors, write_inputs
 from tools import archive, torchserve_ctl
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def errors_of(r: dict) -> int:
-    e = r["errors"]
-    return e["connect"] + e["read"] + e["write"] + e["timeout"] + e["status"]
 
 
 def kill_worker_under_load(urls, proc, wrk_files) -> dict:
     result: dict = {}
-    load = threading.Thread(target=lambda: result.update(wrk=run_wrk(urls["inference"] + PATH, 32, 20, *wrk_files)))
+    url = urls["inference"] + PREDICTIONS
+    load = threading.Thread(target=lambda: result.update(wrk=run_wrk(url, 32, 20, *wrk_files)))
     load.start()
     time.sleep(5)
     workers, _ = processes(proc.pid)
@@ -61,7 +60,7 @@ def kill_worker_under_load(urls, proc, wrk_files) -> dict:
         "recovery_s": recovered,
         "readiness_saw_outage": saw_outage,
         "requests": r["requests"],
-        "failed": errors_of(r),
+        "failed": failed(r),
         "timeouts": r["errors"]["timeout"],
         "p99_ms": r["latency_us"].get("p99", 0) / 1e3,
     }
@@ -69,14 +68,14 @@ def kill_worker_under_load(urls, proc, wrk_files) -> dict:
 
 def overload(base: Path, store: Path, wrk_files) -> dict:
     extra = {"job_queue_size": 8}
-    with torchserve(base, store, CONFIG, extra) as (urls, proc, _):
-        url = urls["inference"] + PATH
+    with torchserve_ctl.serving(base, store, CONFIG, extra) as ts:
+        url = ts.urls["inference"] + PREDICTIONS
         sample = None
         burst = {}
         t = threading.Thread(target=lambda: burst.update(r=run_wrk(url, 256, 10, *wrk_files)))
         t.start()
         deadline = time.monotonic() + 9
-        body = Path(wrk_files[1].read_text().split()[0]).read_bytes()
+        body = Path(wrk_files.listing.read_text().split()[0]).read_bytes()
         while sample is None and time.monotonic() < deadline:
             with contextlib.suppress(requests.RequestException):
                 r = requests.put(url, data=body, timeout=30)
@@ -89,25 +88,26 @@ def overload(base: Path, store: Path, wrk_files) -> dict:
             "job_queue_size": 8,
             "burst_requests": burst["r"]["requests"],
             "burst_503": burst["r"]["errors"]["status"],
-            "burst_socket_errors": errors_of(burst["r"]) - burst["r"]["errors"]["status"],
+            "burst_socket_errors": socket_errors(burst["r"]),
             "sample_503": sample,
             "after_requests": after["requests"],
-            "after_errors": errors_of(after),
+            "after_failed": failed(after),
         }
 
 
 def soak(urls, proc, wrk_files, seconds: int) -> dict:
     workers, _ = processes(proc.pid)
-    run_wrk(urls["inference"] + PATH, 64, 15, *wrk_files)  # warm-up, so that RSS has settled
-    start_rss = _rss_mib(processes(proc.pid)[0])
-    r = run_wrk(urls["inference"] + PATH, 64, seconds, *wrk_files)
+    url = urls["inference"] + PREDICTIONS
+    run_wrk(url, 64, 15, *wrk_files)  # warm-up, so that RSS has settled
+    start_rss = rss_mib(processes(proc.pid)[0])
+    r = run_wrk(url, 64, seconds, *wrk_files)
     end_workers, _ = processes(proc.pid)
-    end_rss = _rss_mib(end_workers)
+    end_rss = rss_mib(end_workers)
     return {
         "seconds": seconds,
         "requests": r["requests"],
         "rps": r["rps"],
-        "errors": errors_of(r),
+        "failed": failed(r),
         "p99_ms": r["latency_us"].get("p99", 0) / 1e3,
         "rss_start_mib": start_rss,
         "rss_end_mib": end_rss,
@@ -119,28 +119,22 @@ def soak(urls, proc, wrk_files, seconds: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--soak-seconds", type=int, default=300)
-    p.add_argument("--output", type=Path, default=ROOT / "RELIABILITY.md")
-    p.add_argument(
-        "--data-root", type=Path, default=Path(os.environ.get("GTSRB_ROOT", ROOT.parent / "shared" / "data"))
-    )
+    p.add_argument("--output", type=Path, default=ROOT / "reports" / "soak" / "soak.md")
+    p.add_argument("--data-root", type=Path, default=DATA_ROOT)
     args = p.parse_args()
     ensure_wrk()
-    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     work = Path(tempfile.mkdtemp(prefix="gtsrb-soak-"))
     try:
         images = make_images(args.data_root, work / "images", 300)
-        listing = work / "images.txt"
-        listing.write_text("".join(f"{i}\n" for i in images))
-        (work / "bodies.lua").write_text(WRK_SCRIPT)
-        wrk_files = (work / "bodies.lua", listing)
+        wrk_files = write_inputs(work, images)
         store = work / "model_store"
         archive.build(model=MODEL, export_path=store)
-        with torchserve(work / "ours", store, CONFIG) as (urls, proc, _):
+        with torchserve_ctl.serving(work / "ours", store, CONFIG) as ts:
             print("[kill] kill -9 a worker under load", flush=True)
-            kill = kill_worker_under_load(urls, proc, wrk_files)
+            kill = kill_worker_under_load(ts.urls, ts.proc, wrk_files)
             print(json.dumps(kill), flush=True)
             print(f"[soak] {args.soak_seconds}s at concurrency 64", flush=True)
-            long = soak(urls, proc, wrk_files, args.soak_seconds)
+            long = soak(ts.urls, ts.proc, wrk_files, args.soak_seconds)
             print(json.dumps(long), flush=True)
         print("[overload] job_queue_size 8, 256 connections", flush=True)
         over = overload(work / "overload", store, wrk_files)
@@ -154,7 +148,7 @@ def write_report(path: Path, kill: dict, long: dict, over: dict) -> None:
     when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     cpu = psutil.cpu_count()
     lines = [
-        "# Reliability",
+        "# Faults and sustained load (generated by `make soak`; RELIABILITY.md quotes it)",
         "",
         f"`make soak` (`python -m bench.soak`), run {when} on a {cpu}-core machine, load from `wrk` on the same",
         "machine, real GTSRB signs as 64-px PNG bodies. The server is the project's archive and config.",
@@ -171,7 +165,7 @@ def write_report(path: Path, kill: dict, long: dict, over: dict) -> None:
         "",
         f"## Sustained load: {long['seconds']} s at concurrency 64",
         "",
-        f"- {long['requests']} requests, {long['rps']:.0f} req/s, errors: **{long['errors']}**, p99 {long['p99_ms']:.0f} ms",
+        f"- {long['requests']} requests, {long['rps']:.0f} req/s, failed: **{long['failed']}**, p99 {long['p99_ms']:.0f} ms",
         f"- worker RSS (sum of both): {long['rss_start_mib']:.0f} MiB after warm-up, {long['rss_end_mib']:.0f} MiB at the end:"
         f" **{long['rss_growth_pct']:+.1f}%**; same worker processes throughout: {long['same_workers']}",
         "",
@@ -180,9 +174,10 @@ def write_report(path: Path, kill: dict, long: dict, over: dict) -> None:
         f"- {over['burst_requests']} requests answered, of which {over['burst_503']} refused with 503;"
         f" socket errors: {over['burst_socket_errors']}",
         f"- a refusal: `{json.dumps(over['sample_503'])}`",
-        f"- right after, 10 s at concurrency 8: {over['after_requests']} requests, errors: **{over['after_errors']}**",
+        f"- right after, 10 s at concurrency 8: {over['after_requests']} requests, failed: **{over['after_failed']}**",
         "",
     ]
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     print(f"report written to {path}")
 

@@ -5,10 +5,12 @@
     python -m tools.torchserve_ctl status [--quiet]   # exit 0 only when the model's workers are READY
 
 TorchServe's /ping answers "Healthy" even when the model failed to load, so readiness is read from
-the management API: the model's workers must be READY. Tests and benchmarks use the same functions.
+the management API: the model's workers must be READY. serving() is the whole lifecycle on free ports
+(start, wait READY, always stop), used by the benchmark and the soak test.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -17,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import typing
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -120,8 +123,10 @@ def _torchserve() -> str:
     return str(here) if here.exists() else (shutil.which("torchserve") or "torchserve")
 
 
-def _env(log_dir: Path, tmpdir: Path | None) -> dict:
-    env = {**os.environ, "LOG_LOCATION": str(log_dir), "METRICS_LOCATION": str(log_dir)}
+def _env(log_dir: Path, tmpdir: Path | None, extra: dict | None = None) -> dict:
+    env = {**os.environ, **(extra or {}), "LOG_LOCATION": str(log_dir), "METRICS_LOCATION": str(log_dir)}
+    # This interpreter's environment first on the server's search path, whatever the caller's PATH.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("TS_METRICS_CONFIG", str(ROOT / "metrics.yaml"))  # declares the handler's metrics
     if tmpdir is not None:  # TorchServe keeps its pid file in the temp dir: one dir per instance
         tmpdir.mkdir(parents=True, exist_ok=True)
@@ -139,10 +144,12 @@ def start(
     tmpdir: Path | None = None,
     foreground: bool = False,
     log_config: Path | None = LOG_CONFIG,
+    env: dict | None = None,
 ) -> subprocess.Popen:
     """Launch TorchServe; returns the launcher process (with foreground=True, the server itself).
 
-    ``log_config=None`` keeps TorchServe's built-in logging (the stock recipe of the benchmark).
+    ``log_config=None`` keeps TorchServe's built-in logging (the stock recipe of the benchmark); ``env``
+    adds to (or overrides) this process's environment for the server.
     """
     check_java()
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -155,7 +162,7 @@ def start(
     if log_config is not None:
         cmd += ["--log-config", str(log_config)]
     with open(log_dir / "torchserve.out", "w") as out:
-        return subprocess.Popen(cmd, cwd=log_dir, env=_env(log_dir, tmpdir), stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, cwd=log_dir, env=_env(log_dir, tmpdir, env), stdout=out, stderr=subprocess.STDOUT)
 
 
 def busy(management: str, model: str = MODEL) -> bool | None:
@@ -209,6 +216,79 @@ def stop(log_dir: Path, tmpdir: Path | None = None, management: str | None = Non
     cmd = [_torchserve(), "--stop", "--foreground"]
     subprocess.run(cmd, capture_output=True, env=_env(log_dir, tmpdir), timeout=90)
     return drained
+
+
+class Server(typing.NamedTuple):
+    urls: dict[str, str]  # "inference", "management", "metrics": HTTP base urls
+    ports: dict[str, int]  # every listener (PORT_NAMES)
+    proc: subprocess.Popen  # the launcher (run in the foreground: the frontend's parent)
+    workers: int  # READY workers at start
+
+
+@contextlib.contextmanager
+def serving(
+    base: Path,
+    model_store: Path,
+    config: Path | None = ROOT / "config.properties",
+    extra: dict | None = None,
+    env: dict | None = None,
+    log_config: Path | None = LOG_CONFIG,
+    timeout: float = 180,
+) -> typing.Iterator[Server]:
+    """TorchServe serving ``model_store`` with a copy of ``config`` (None: TorchServe's defaults) whose
+    listeners are moved to free loopback ports, plus ``extra`` settings; config, logs and temp dir in ``base``.
+    Yields once the model is READY; always stopped, and any process it left behind is killed."""
+    import psutil  # only here: the container's HEALTHCHECK imports this module every 10 s
+
+    base.mkdir(parents=True, exist_ok=True)
+    ports = free_ports()
+    urls = write_config(config, base / "config.properties", ports, extra)
+    logs, tmp = base / "logs", base / "tmp"
+    proc = start(base / "config.properties", model_store, logs, tmp, foreground=True, log_config=log_config, env=env)
+    spawned: list = []
+    try:
+        try:
+            status = wait_ready(urls["management"], timeout, proc=proc)
+        except (TimeoutError, RuntimeError) as e:
+            raise RuntimeError(f"{e}\n{_tail(logs / 'model_log.log')}{_tail(logs / 'ts_log.log')}") from e
+        spawned = psutil.Process(proc.pid).children(recursive=True)
+        yield Server(urls, ports, proc, len(status["workers"]))
+    finally:
+        with contextlib.suppress(psutil.Error):
+            spawned += psutil.Process(proc.pid).children(recursive=True)
+        stop(logs, tmpdir=tmp)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        reap(spawned)
+
+
+def reap(procs: list) -> None:
+    """Terminate the psutil processes ``procs`` that still run (kill after 10 s)."""
+    import psutil
+
+    alive = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(alive, timeout=10)
+    for p in alive:
+        print(f"killing a leftover process {p.pid}", file=sys.stderr)
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return f"--- last lines of {path.name}:\n" + "\n".join(path.read_text().splitlines()[-lines:]) + "\n"
+    except OSError:
+        return ""
 
 
 def main() -> None:

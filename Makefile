@@ -10,6 +10,11 @@ MODEL ?= models/gtsrb.pt
 IMG ?= $(DATA)/gtsrb/GTSRB/Training/00014/00001_00029.ppm
 PORT ?= 8080
 
+.PHONY: help install teacher train mlflow-ui evaluate export archive serve stop predict test lint bench audit soak \
+  drift-report clean docker-build docker-run docker-test docker-lock docker-sbom hadolint deploy-check deploy-domain \
+  deploy deploy-demo deploy-scale-out deploy-teardown deploy-dry-run deploy-drift-report pipeline pipeline-push \
+  prometheus cloud-check github-check train-cloud train-cloud-dry-run ci-trigger ci-trigger-dry-run train-image
+
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-17s\033[0m %s\n", $$1, $$2}'
 
@@ -21,6 +26,10 @@ $(VENV)/.serve: requirements/torch.txt requirements/serve.txt
 
 $(VENV)/.dev: $(VENV)/.serve requirements/train.txt requirements/dev.txt requirements/mlops.txt
 	$(PY) -m pip install -q -r requirements/dev.txt
+	touch $@
+
+$(VENV)/.bench: $(VENV)/.dev requirements/bench.txt
+	$(PY) -m pip install -q -r requirements/bench.txt
 	touch $@
 
 install: $(VENV)/.dev ## create .venv with everything (serve + train + dev)
@@ -52,28 +61,24 @@ archive: model_store/gtsrb.mar ## pack model_store/gtsrb.mar (model + handler + 
 serve: model_store/gtsrb.mar ## start TorchServe on :8080 and wait until the model is READY
 	PATH=$(BIN):$$PATH $(PY) -m tools.torchserve_ctl start
 
-stop: ## stop TorchServe
+stop: $(VENV)/.serve ## stop TorchServe
 	PATH=$(BIN):$$PATH $(PY) -m tools.torchserve_ctl stop
 
 predict: ## classify an image with the running server (IMG=path)
 	curl -sS -T $(IMG) http://127.0.0.1:$(PORT)/predictions/gtsrb; echo
 
-test: $(VENV)/.dev ## lint and run the whole test suite (starts a real TorchServe)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/hadolint Dockerfile docker/train.Dockerfile
-	PATH=$(BIN):$$PATH $(BIN)/pytest
+test: lint ## lint, then the whole test suite with a coverage summary (starts a real TorchServe)
+	PATH=$(BIN):$$PATH $(BIN)/pytest --cov --cov-report=term
 
-bench: $(VENV)/.dev ## serving benchmark -> BENCHMARKS.md (ours vs stock TorchServe vs FastAPI; needs wrk; BENCH_ARGS=--quick)
-	$(PY) -m pip install -q -r requirements/bench.txt
+bench: $(VENV)/.bench ## serving benchmark -> reports/bench/bench.md (ours vs stock TorchServe vs FastAPI; needs wrk; BENCH_ARGS=--quick)
 	@command -v wrk >/dev/null || echo "wrk is missing: apt-get install -y wrk (bench.bench tries that itself when run as root)"
 	PATH=$(BIN):$$PATH $(PY) -m bench.bench $(BENCH_ARGS)
 
 audit: $(VENV)/.dev ## pip-audit the installed, pinned packages against known vulnerabilities (see SECURITY.md)
 	$(PY) -m tools.audit
 
-lint: $(VENV)/.dev ## ruff lint and format check
-	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/hadolint Dockerfile docker/train.Dockerfile
-
-.PHONY: help install teacher train mlflow-ui evaluate export archive serve stop predict test lint bench drift-report audit soak
+lint: hadolint ## ruff lint and format check, hadolint
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 # ---- container (docker/README.md) ----
 IMAGE ?= gtsrb-serve:latest
@@ -85,7 +90,7 @@ docker-build: model_store/gtsrb.mar ## build the CPU serving image IMAGE (base i
 docker-run: ## run IMAGE in the foreground: :8080, metrics on 127.0.0.1:8082, logs in logs/container (Ctrl-C drains)
 	IMAGE=$(IMAGE) DOCKER=$(DOCKER) bash docker/run.sh
 
-docker-test: docker-build ## build IMAGE, run it, real requests, health status, drain on stop (needs a Docker engine)
+docker-test: $(VENV)/.dev docker-build ## build IMAGE, run it, real requests, health status, drain on stop (needs a Docker engine)
 	IMAGE=$(IMAGE) DOCKER=$(DOCKER) PATH=$(BIN):$$PATH $(BIN)/pytest -m docker tests/test_container.py
 
 # Where the CPU torch wheel of requirements/image.in is found: a local folder of wheels, else PyTorch's CPU index.
@@ -122,13 +127,13 @@ deploy: deploy-check deploy-domain model_store/gtsrb.mar ## private VMs behind H
 deploy-demo: deploy-check model_store/gtsrb.mar ## PUBLIC plain-HTTP demo: one VM with a public IP, :8080 open, no login
 	$(DEPLOY) deploy --public-http-demo $(DEPLOY_TARGET) $(DEPLOY_ARGS)
 
-deploy-scale-out: deploy-check ## autoscaling of the deployed group (DEPLOY_ARGS='--autoscale-on rps --max-replicas 8')
+deploy-scale-out: deploy-check $(VENV)/.serve ## autoscaling of the deployed group (DEPLOY_ARGS='--autoscale-on rps --max-replicas 8')
 	$(DEPLOY) scale-out $(DEPLOY_TARGET) $(DEPLOY_ARGS)
 
-deploy-teardown: deploy-check ## delete everything deploy and deploy-demo created
+deploy-teardown: deploy-check $(VENV)/.serve ## delete everything deploy and deploy-demo created
 	$(DEPLOY) teardown $(DEPLOY_TARGET) $(DEPLOY_ARGS)
 
-deploy-dry-run: deploy-check ## print the gcloud commands of deploy, scale-out, drift-logs and teardown; runs nothing
+deploy-dry-run: deploy-check $(VENV)/.serve ## print the gcloud commands of deploy, scale-out, drift-logs and teardown; runs nothing
 	$(DEPLOY) deploy --dry-run $(DEPLOY_TARGET) --domain $(or $(DOMAIN),signs.example.com) $(if $(IAP_MEMBER),--iap-member $(IAP_MEMBER)) $(DEPLOY_ARGS)
 	$(DEPLOY) scale-out --dry-run $(DEPLOY_TARGET)
 	$(DEPLOY) drift-logs --dry-run $(DEPLOY_TARGET)
@@ -138,13 +143,16 @@ deploy-drift-report: deploy-check $(VENV)/.dev ## copy the VMs' input logs (gclo
 	$(DEPLOY) drift-logs $(DEPLOY_TARGET) $(DEPLOY_ARGS)
 	$(PY) -m tools.drift_report --log 'logs/deployed/*/gtsrb_inputs.jsonl*' --output reports/drift-deployed
 
-.PHONY: docker-build docker-run docker-test docker-lock docker-sbom hadolint deploy-check deploy-domain deploy deploy-demo deploy-scale-out deploy-teardown deploy-dry-run deploy-drift-report
-
-soak: $(VENV)/.dev ## kill -9 a worker under load, overload the queue, 5 min at concurrency 64 -> RELIABILITY.md (needs wrk)
+soak: $(VENV)/.dev ## kill -9 a worker under load, overload the queue, 5 min at concurrency 64 -> reports/soak/soak.md (needs wrk)
 	PATH=$(BIN):$$PATH $(PY) -m bench.soak $(SOAK_ARGS)
 
 drift-report: $(VENV)/.dev ## compare recent served inputs (logs/gtsrb_inputs.jsonl*) with the training reference
 	$(PY) -m tools.drift_report
+
+clean: ## remove generated files: model_store/*.mar, logs/, reports/, caches (never models/, runs/, mlruns/)
+	rm -rf model_store/*.mar logs reports .pytest_cache .ruff_cache .coverage
+	find . \( -path ./.venv -o -path ./.git -o -path ./models -o -path ./runs -o -path ./mlruns \) -prune \
+	  -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # ---- the MLOps loop (README "The MLOps loop"): DVC pipeline, monitoring, training and CI on Google Cloud ----
 DVC := PATH=$(BIN):$$PATH $(BIN)/dvc
@@ -172,20 +180,18 @@ cloud-check:
 github-check:
 	@[ -n "$(GITHUB_OWNER)" ] && [ -n "$(GITHUB_REPO)" ] || { echo "usage: make $(MAKECMDGOALS) PROJECT=... REGION=... GITHUB_OWNER=<owner> GITHUB_REPO=<repository>" >&2; exit 2; }
 
-train-cloud: cloud-check ## Vertex AI custom job: training image (Cloud Build), data on GCS, model + MLflow runs back (PROJECT= REGION=)
+train-cloud: cloud-check $(VENV)/.serve ## Vertex AI custom job: training image (Cloud Build), data on GCS, model + MLflow runs back (PROJECT= REGION=)
 	$(TRAIN_CLOUD) train $(CLOUD_TARGET) $(UPLOAD_DATA) $(TRAIN_CLOUD_ARGS)
 
-train-cloud-dry-run: cloud-check ## print every gcloud command of train-cloud (and the job spec); runs nothing
+train-cloud-dry-run: cloud-check $(VENV)/.serve ## print every gcloud command of train-cloud (and the job spec); runs nothing
 	$(TRAIN_CLOUD) train --dry-run $(CLOUD_TARGET) $(UPLOAD_DATA) $(TRAIN_CLOUD_ARGS)
 
-ci-trigger: cloud-check github-check ## Cloud Build trigger: build, test and push the serving image on every push to main
+ci-trigger: cloud-check github-check $(VENV)/.serve ## Cloud Build trigger: build, test and push the serving image on every push to main
 	$(TRAIN_CLOUD) ci-trigger $(CLOUD_TARGET) $(GITHUB_REPO_ARGS)
 
-ci-trigger-dry-run: cloud-check github-check ## print the gcloud commands of ci-trigger; runs nothing
+ci-trigger-dry-run: cloud-check github-check $(VENV)/.serve ## print the gcloud commands of ci-trigger; runs nothing
 	$(TRAIN_CLOUD) ci-trigger --dry-run $(CLOUD_TARGET) $(GITHUB_REPO_ARGS)
 
 TRAIN_IMAGE ?= gtsrb-train:latest
 train-image: ## build the training image TRAIN_IMAGE locally (docker/train.Dockerfile; needs PyPI and the torch index)
 	DOCKER_BUILDKIT=1 $(DOCKER) build -f docker/train.Dockerfile -t $(TRAIN_IMAGE) .
-
-.PHONY: pipeline pipeline-push prometheus cloud-check github-check train-cloud train-cloud-dry-run ci-trigger ci-trigger-dry-run train-image

@@ -1,4 +1,5 @@
-"""Smoke test of the serving benchmark: bench.bench --quick against a real TorchServe and the FastAPI peer."""
+"""The serving benchmark: a --quick run against a real TorchServe and the FastAPI peer, how wrk's counts are read,
+where the report goes."""
 
 import importlib.util
 import os
@@ -12,9 +13,8 @@ import pytest
 
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.e2e
 
-
+@pytest.mark.e2e
 def test_quick_bench_writes_a_report(tmp_path, gtsrb_root):
     if shutil.which("wrk") is None:
         pytest.skip("wrk (the load generator) is not installed: apt-get install -y wrk")
@@ -39,3 +39,37 @@ def test_quick_bench_writes_a_report(tmp_path, gtsrb_root):
         assert float(rps) > 0, (server, conc)
         assert errors == "0" and non2xx == "0", (server, conc, errors, non2xx)
     assert "## In-process limit" in text and "config.properties" in text
+
+
+WRK_TEXT = """Running 2s test @ http://127.0.0.1:8080/predictions/gtsrb
+  1 threads and 4 connections
+  Latency Distribution
+     50%    8.10ms
+     75%   10.00ms
+     90%   12.50ms
+     99%    1.20s
+  100 requests in 2.00s, 10.00KB read
+  Socket errors: connect 0, read 1, write 0, timeout 2
+  Non-2xx or 3xx responses: 3
+Requests/sec:     50.00
+"""
+
+
+def test_wrk_counts_unanswered_requests_apart_from_error_answers():
+    """Without the Lua summary, wrk's own text is read; a request with no answer (socket error, timeout) is a
+    socket error, an answer >= 400 is not, and a failed request is either."""
+    from bench.wrk import failed, parse_wrk, socket_errors
+
+    r = parse_wrk(WRK_TEXT)
+    assert (r["requests"], r["rps"]) == (100, 50.0)
+    assert r["latency_us"] == {"p50": 8100.0, "p90": 12500.0, "p99": 1.2e6}
+    assert (socket_errors(r), r["errors"]["status"], failed(r)) == (3, 3, 6)
+
+
+def test_bench_report_is_not_the_written_document():
+    """make bench writes its tables to the git-ignored reports/, never over the hand-written BENCHMARKS.md."""
+    from bench.bench import parse_args
+
+    out = parse_args([]).output
+    assert out.parent == ROOT / "reports" / "bench"
+    assert subprocess.run(["git", "check-ignore", "-q", str(out)], cwd=ROOT).returncode == 0

@@ -29,7 +29,10 @@ def sign_ppm(size: int = 48) -> bytes:
 
 
 def put(url: str, body: bytes) -> tuple[int, dict]:
-    req = urllib.request.Request(f"{url}/predictions/gtsrb", data=body, method="PUT")
+    # Without a content type urllib sends form-encoded, and TorchServe would parse the image as form fields.
+    req = urllib.request.Request(
+        f"{url}/predictions/gtsrb", data=body, method="PUT", headers={"Content-Type": "application/octet-stream"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, json.loads(r.read())

@@ -44,7 +44,7 @@ class Config:
     machine_type: str = "n1-standard-8"
     accelerator: str = ""  # e.g. NVIDIA_TESLA_T4: then the image takes the CUDA torch
     upload_data: str = ""  # a local GTSRB root to rsync to gs://<bucket>/data first
-    mlflow_tracking_uri: str = ""  # default: an MLflow store in the bucket (file:///gcs/<bucket>/mlruns)
+    mlflow_tracking_uri: str = ""  # default: MLflow's file store in the bucket (file:///gcs/<bucket>/mlruns)
     build: bool = True
     train_args: str = ""  # extra flags for both training runs, e.g. "--epochs 1" for a smoke job
 
@@ -90,12 +90,13 @@ def job_spec(cfg: Config, name: str) -> dict:
     machine = {"machineType": cfg.machine_type}
     if cfg.accelerator:
         machine |= {"acceleratorType": cfg.accelerator, "acceleratorCount": 1}
-    env = {
-        "DATA_ROOT": cfg.mount("data"),
-        "OUTPUT": cfg.mount(f"jobs/{name}"),
-        "MLFLOW_TRACKING_URI": cfg.mlflow_tracking_uri or f"file://{cfg.mount('mlruns')}",
-        "TRAIN_ARGS": cfg.train_args,
-    }
+    env = {"DATA_ROOT": cfg.mount("data"), "OUTPUT": cfg.mount(f"jobs/{name}"), "TRAIN_ARGS": cfg.train_args}
+    if cfg.mlflow_tracking_uri:  # a tracking server (its artifact store on gs://, say)
+        env["MLFLOW_TRACKING_URI"] = cfg.mlflow_tracking_uri
+    else:
+        # No server: MLflow's file store, straight in the bucket. MLflow keeps that backend in maintenance mode
+        # and refuses it unless told otherwise; a database on a Cloud Storage mount would be worse.
+        env |= {"MLFLOW_TRACKING_URI": f"file://{cfg.mount('mlruns')}", "MLFLOW_ALLOW_FILE_STORE": "true"}
     container = {"imageUri": cfg.image, "env": [{"name": k, "value": v} for k, v in env.items()]}
     return {"workerPoolSpecs": [{"machineSpec": machine, "replicaCount": 1, "containerSpec": container}]}
 
@@ -224,8 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# follow it:  gcloud ai custom-jobs list --region={cfg.region} --project={cfg.project}"
           f" --filter=displayName={name}")  # fmt: skip
     print(f"# results:    gcloud storage ls {bucket}/jobs/{name}/   (models/gtsrb.pt, model_store/gtsrb.mar, runs/)")
-    print(f"# MLflow:     gcloud storage rsync --recursive {bucket}/mlruns mlruns-cloud && "
-          "MLFLOW_TRACKING_URI=file://$PWD/mlruns-cloud make mlflow-ui")  # fmt: skip
+    if not cfg.mlflow_tracking_uri:
+        print(f"# MLflow:     gcsfuse {cfg.gcs_bucket} /gcs/{cfg.gcs_bucket} && MLFLOW_ALLOW_FILE_STORE=true "
+              f"MLFLOW_TRACKING_URI=file:///gcs/{cfg.gcs_bucket}/mlruns make mlflow-ui")  # fmt: skip
     return 0
 
 

@@ -19,7 +19,7 @@ RUN apt-get update \
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG PIP_NO_INDEX=
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
-COPY requirements/ /tmp/requirements/
+COPY requirements/torch.txt requirements/serve.txt requirements/train.txt /tmp/requirements/
 COPY docker/wheelhouse/ /tmp/wheelhouse/
 RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --find-links /tmp/wheelhouse --index-url "$TORCH_INDEX_URL" \

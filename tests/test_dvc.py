@@ -19,7 +19,17 @@ from tests.conftest import ROOT
 from training.data import make_synthetic
 
 DVC = Path(sys.executable).parent / "dvc"
-COPIED = ["dvc.yaml", "params.yaml", ".dvcignore", ".dvc/config", ".gitignore", "training", "handler", "tools"]
+COPIED = [
+    "dvc.yaml",
+    "params.yaml",
+    ".dvcignore",
+    ".dvc/config",
+    ".dvc/.gitignore",
+    ".gitignore",
+    "training",
+    "handler",
+    "tools",
+]
 ONE_STEP = {"epochs": 1, "max_steps": 1, "batch_size": 16, "warmup_epochs": 0, "threads": 1, "device": "cpu"}
 
 

@@ -25,6 +25,7 @@ from training.data import make_synthetic
 PROJECT, REGION, TAG = "demo-proj-123", "europe-west1", "abc1234"
 IMAGE = f"{REGION}-docker.pkg.dev/{PROJECT}/gtsrb/gtsrb-train:{TAG}"
 BUCKET = f"{PROJECT}-gtsrb"
+ONE_STEP = "--epochs 1 --max-steps 1 --batch-size 16 --resolution 32 --threads 1 --device cpu"
 
 
 def path_without_gcloud() -> str:
@@ -106,8 +107,8 @@ def test_job_spec_reads_the_uploaded_data_and_writes_results_and_mlflow_to_the_b
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["DATA_ROOT"] == f"/gcs/{BUCKET}/data"  # where rsync put it, through Vertex AI's mount
     assert env["OUTPUT"] == f"/gcs/{BUCKET}/jobs/job-1"
-    assert env["MLFLOW_TRACKING_URI"] == f"file:///gcs/{BUCKET}/mlruns"
-    assert f"gs://{BUCKET}/jobs/job-1/" in train.out and f"gs://{BUCKET}/mlruns" in train.out  # where to look
+    assert env["MLFLOW_TRACKING_URI"] == f"file:///gcs/{BUCKET}/mlruns" and env["MLFLOW_ALLOW_FILE_STORE"] == "true"
+    assert f"gs://{BUCKET}/jobs/job-1/" in train.out and f"/gcs/{BUCKET}/mlruns" in train.out  # where to look
 
 
 def test_gpu_job_tracking_server_and_no_build():
@@ -117,6 +118,7 @@ def test_gpu_job_tracking_server_and_no_build():
     assert pool["machineSpec"]["acceleratorType"] == "NVIDIA_TESLA_T4" and pool["machineSpec"]["acceleratorCount"] == 1
     env = {e["name"]: e["value"] for e in pool["containerSpec"]["env"]}
     assert env["MLFLOW_TRACKING_URI"] == "https://mlflow.example.com" and env["DATA_ROOT"] == "/gcs/other/data"
+    assert "MLFLOW_ALLOW_FILE_STORE" not in env
     assert not [c for c in run.commands if c[1:3] == ["builds", "submit"]]
     assert not [c for c in run.commands if c[1:3] == ["storage", "rsync"]]  # no --upload-data: data already there
     gpu = train_cloud.Config(project=PROJECT, region=REGION, accelerator="NVIDIA_TESLA_T4")
@@ -173,6 +175,9 @@ def test_training_image_build_inputs_are_uploaded_and_in_the_docker_context():
     copies = [line.split()[1:-1] for line in dockerfile.read_text().splitlines() if line.startswith("COPY ")]
     sources = [s for srcs in copies for s in srcs]
     assert "training/" in sources and "docker/train-job.sh" in sources
+    for req in [s for s in sources if s.startswith("requirements/")]:  # what `pip install -r` reads is copied too
+        for include in re.findall(r"^-r (\S+)", (ROOT / req).read_text(), re.M):
+            assert f"requirements/{include}" in sources, (req, include)
     tracked = subprocess.run(["git", "ls-files", *sources], cwd=ROOT, capture_output=True, text=True).stdout.split()
     assert {s for s in sources if not s.endswith("/")} <= set(tracked)
     docker_ignore = ignore_spec(ROOT / "docker" / "train.Dockerfile.dockerignore")
@@ -190,15 +195,14 @@ def test_training_image_build_inputs_are_uploaded_and_in_the_docker_context():
 @pytest.mark.slow
 def test_the_job_script_trains_teacher_and_student_and_archives_into_output(tmp_path):
     """docker/train-job.sh as the image runs it, on a rendered GTSRB with one-step recipes and an MLflow file
-    store: the job's default (file:///gcs/BUCKET/mlruns) in a local folder."""
+    store: the job's own environment (job_spec), its Cloud Storage paths moved to a local folder."""
     data = make_synthetic(tmp_path / "data", tracks_per_class=2, frames=2, test_per_class=1)
-    out, store = tmp_path / "out", tmp_path / "mlruns"
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "DATA_ROOT": str(data), "OUTPUT": str(out), "MLFLOW_TRACKING_URI": store.as_uri(),
-        "TRAIN_ARGS": "--epochs 1 --max-steps 1 --batch-size 16 --resolution 32 --threads 1 --device cpu",
-    }  # fmt: skip
+    cfg = train_cloud.Config(project=PROJECT, region=REGION, bucket="b", train_args=ONE_STEP)
+    (pool,) = train_cloud.job_spec(cfg, "job-1")["workerPoolSpecs"]
+    job_env = {e["name"]: e["value"].replace("/gcs/b", str(tmp_path)) for e in pool["containerSpec"]["env"]}
+    out, store = Path(job_env["OUTPUT"]), Path(job_env["MLFLOW_TRACKING_URI"].removeprefix("file://"))
+    assert job_env["DATA_ROOT"] == str(tmp_path / "data") == str(data)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **job_env}
     r = subprocess.run(["bash", "docker/train-job.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     model = out / "models" / "gtsrb.pt"

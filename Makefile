@@ -165,7 +165,7 @@ pipeline-push: $(VENV)/.dev ## dvc push: the pipeline's cached outputs to the de
 
 prometheus: ## Prometheus on 127.0.0.1:9090 with monitoring/alerts.yml, scraping `make serve` (Debian: prometheus, prometheus-blackbox-exporter)
 	prometheus-blackbox-exporter --config.file=monitoring/blackbox.yml --web.listen-address=127.0.0.1:9115 & bb=$$!; \
-	trap 'kill $$bb' EXIT; prometheus --config.file=monitoring/prometheus.yml --storage.tsdb.path=.cache/prometheus \
+	trap 'kill $$bb 2>/dev/null' EXIT; prometheus --config.file=monitoring/prometheus.yml --storage.tsdb.path=.cache/prometheus \
 	  --web.listen-address=127.0.0.1:9090
 
 TRAIN_CLOUD := $(PY) -m deploy.train_cloud

@@ -9,12 +9,12 @@ import subprocess
 import sys
 import zipfile
 
-import psutil
 import pytest
 import requests
 
 from tests.conftest import MODEL, ROOT
-from tools import archive, torchserve_ctl
+from tests.ts_server import serving
+from tools import archive
 from training.data import render_sign
 
 
@@ -46,30 +46,15 @@ def test_make_archive_passes_the_registered_mlflow_version(tmp_path):
 
 @pytest.mark.e2e
 def test_torchserve_reports_the_model_version(tmp_path):
-    store = tmp_path / "model_store"
-    archive.build(export_path=store)
-    urls = torchserve_ctl.write_config(
-        ROOT / "config.properties", tmp_path / "config.properties", torchserve_ctl.free_ports()
-    )
-    proc = torchserve_ctl.start(tmp_path / "config.properties", store, tmp_path / "logs", tmp_path / "tmp", True)
-    try:
-        torchserve_ctl.wait_ready(urls["management"], timeout=180, proc=proc)
+    with serving(tmp_path) as urls:  # the archive of models/gtsrb.pt, built by tools.archive
         desc = requests.get(f"{urls['management']}/models/gtsrb", timeout=5).json()
         assert [d["modelVersion"] for d in desc] == [sha12(MODEL)]
         worker_names = {f"W-{w['id']}-gtsrb_{sha12(MODEL)}" for w in desc[0]["workers"]}
-        # The version is addressable: POST /predictions/gtsrb/<version> is served by the same model.
+        # The version is addressable: PUT /predictions/gtsrb/<version> is served by the same model.
         buf = io.BytesIO()
         render_sign(14, random.Random(0)).save(buf, "PNG")
-        data = buf.getvalue()
-        a = requests.put(f"{urls['inference']}/predictions/gtsrb", data=data, timeout=30)
-        b = requests.put(f"{urls['inference']}/predictions/gtsrb/{sha12(MODEL)}", data=data, timeout=30)
+        a = requests.put(f"{urls['inference']}/predictions/gtsrb", data=buf.getvalue(), timeout=30)
+        b = requests.put(f"{urls['inference']}/predictions/gtsrb/{sha12(MODEL)}", data=buf.getvalue(), timeout=30)
         assert a.status_code == b.status_code == 200 and a.json() == b.json()
         metrics = requests.get(f"{urls['metrics']}/metrics", timeout=5).text
         assert all(name in metrics for name in worker_names)  # WorkerLoadTime{WorkerName="W-9000-gtsrb_<version>"}
-    finally:
-        torchserve_ctl.stop(tmp_path / "logs", tmpdir=tmp_path / "tmp")
-        proc.wait(timeout=60)
-        leftovers = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
-        for p in leftovers:
-            p.kill()
-        assert not leftovers, "TorchServe processes left behind"

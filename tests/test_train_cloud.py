@@ -13,13 +13,12 @@ import zipfile
 from pathlib import Path
 
 import pathspec
-import psutil
 import pytest
 import yaml
 
 from deploy import train_cloud
 from tests.conftest import ROOT
-from tools import archive, torchserve_ctl
+from tests.ts_server import serving
 from training.data import make_synthetic
 
 PROJECT, REGION, TAG = "demo-proj-123", "europe-west1", "abc1234"
@@ -280,23 +279,9 @@ def test_real_run_without_gcloud_fails_with_one_clear_line():
 
 @pytest.mark.e2e
 def test_ci_smoke_test_passes_against_a_real_server_and_fails_without_one(tmp_path):
-    store = tmp_path / "model_store"
-    archive.build(export_path=store)
-    urls = torchserve_ctl.write_config(
-        ROOT / "config.properties", tmp_path / "ts.properties", torchserve_ctl.free_ports()
-    )
-    proc = torchserve_ctl.start(tmp_path / "ts.properties", store, tmp_path / "logs", tmp_path / "tmp", True)
     smoke = [sys.executable, "deploy/ci_smoke.py"]
-    try:
-        # Started right away, as in Cloud Build: it waits for the model itself.
-        r = subprocess.run([*smoke, urls["inference"], "--timeout", "180"], cwd=ROOT, capture_output=True, text=True)
+    with serving(tmp_path) as urls:
+        r = subprocess.run([*smoke, urls["inference"], "--timeout", "60"], cwd=ROOT, capture_output=True, text=True)
         assert r.returncode == 0 and "smoke test passed" in r.stdout, r.stdout + r.stderr
-    finally:
-        torchserve_ctl.stop(tmp_path / "logs", tmpdir=tmp_path / "tmp")
-        proc.wait(timeout=60)
-        leftovers = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
-        for p in leftovers:
-            p.kill()
-        assert not leftovers
     r = subprocess.run([*smoke, urls["inference"], "--timeout", "2"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.startswith("FAIL: no prediction")

@@ -115,7 +115,12 @@ def batches(draw):
     return rows, set(good), explain
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(batches())
 @example(([ROWS["multipart, non-ASCII field names"], GOOD], {1}, {0, 1}))
 def test_generated_rows_fail_alone(handler, batch):

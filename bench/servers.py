@@ -32,6 +32,7 @@ def build_stock_archive(work: Path, store: Path) -> None:
     """The stock recipe: timm mobilenetv3_small_100 (random weights) traced at 224 px, image_classifier."""
     from training.model import create_model
 
+    work.mkdir(parents=True, exist_ok=True)
     net = create_model(43, 64).net.eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)

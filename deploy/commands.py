@@ -108,14 +108,10 @@ def ensure(cfg: Config, describe: list[str], create: list[str], note: str) -> li
 # ------------------------------------------------------------------------------------- shared by both modes
 
 
-def build_commands(cfg: Config) -> list[Step]:
-    """APIs, the Artifact Registry repository, and the image (Cloud Build, from the repo root)."""
-    apis = ["compute.googleapis.com", "artifactregistry.googleapis.com", "cloudbuild.googleapis.com",
-            "iam.googleapis.com", "logging.googleapis.com", "monitoring.googleapis.com"]  # fmt: skip
-    if not cfg.public_http_demo:
-        apis.append("iap.googleapis.com")
-    steps = [
-        Step(gcloud(cfg, "services", "enable", *apis), "APIs used below (a no-op when already enabled)"),
+def repository_commands(cfg, services: tuple[str, ...] | list[str]) -> list[Step]:
+    """The APIs, then the Artifact Registry repository (created only if it does not exist yet)."""
+    return [
+        Step(gcloud(cfg, "services", "enable", *services), "APIs used below (a no-op when already enabled)"),
         *ensure(
             cfg,
             ["artifacts", "repositories", "describe", cfg.repo, f"--location={cfg.region}"],
@@ -124,6 +120,15 @@ def build_commands(cfg: Config) -> list[Step]:
             f"Artifact Registry repository {cfg.repo}: created only if this describe fails",
         ),
     ]  # fmt: skip
+
+
+def build_commands(cfg: Config) -> list[Step]:
+    """APIs, the Artifact Registry repository, and the image (Cloud Build, from the repo root)."""
+    apis = ["compute.googleapis.com", "artifactregistry.googleapis.com", "cloudbuild.googleapis.com",
+            "iam.googleapis.com", "logging.googleapis.com", "monitoring.googleapis.com"]  # fmt: skip
+    if not cfg.public_http_demo:
+        apis.append("iap.googleapis.com")
+    steps = repository_commands(cfg, apis)
     if cfg.build:
         subs = f"_IMAGE={cfg.image},_TORCH_INDEX_URL={cfg.torch_index_url}"
         subs += f",_BASE_IMAGE={cfg.base_image}" if cfg.base_image else ""

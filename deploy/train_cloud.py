@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from deploy.commands import CPU_INDEX, Step, ensure, gcloud
+from deploy.commands import CPU_INDEX, Step, ensure, gcloud, repository_commands
 from deploy.gce import default_tag, run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,19 +70,6 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------- commands
-
-
-def repository_commands(cfg: Config, services: tuple[str, ...]) -> list[Step]:
-    return [
-        Step(gcloud(cfg, "services", "enable", *services), "APIs used below (a no-op when already enabled)"),
-        *ensure(
-            cfg,
-            ["artifacts", "repositories", "describe", cfg.repo, f"--location={cfg.region}"],
-            ["artifacts", "repositories", "create", cfg.repo, "--repository-format=docker",
-             f"--location={cfg.region}", "--description=gtsrb-serve images"],
-            f"Artifact Registry repository {cfg.repo}: created only if this describe fails",
-        ),
-    ]  # fmt: skip
 
 
 def job_spec(cfg: Config, name: str) -> dict:

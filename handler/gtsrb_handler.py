@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 from image_input import as_input_error, decode_image, request_bytes
-from presets import EvalPreset, image_stats
+from presets import EvalPreset
 from saliency import integrated_gradients, saliency_map
-from serving_metrics import HandlerMetrics, InputLog
+from serving_metrics import Batch, HandlerMetrics, InputLog, Monitor
 from ts.torch_handler.base_handler import BaseHandler
 
 
@@ -40,14 +40,13 @@ class GTSRBHandler(BaseHandler):
         self.image_size = int(self.model.image_size)
         self.preset = EvalPreset(size=self.image_size)
         self.names = [self.mapping[str(i)] for i in range(len(self.mapping))]
-        self.stats = HandlerMetrics(context.metrics, context.model_name, float(cfg["low_confidence"]))
         self.model_version = str((context.manifest or {}).get("model", {}).get("modelVersion", "unknown"))
-        self.input_log = None
+        input_log = None
         if cfg.get("input_log_mb", 0) > 0:  # per-request input statistics for `make drift-report`
             path = Path(os.environ.get("LOG_LOCATION", "logs")) / "gtsrb_inputs.jsonl"
-            self.input_log = InputLog(
-                path, int(cfg["input_log_mb"] * 2**20), backups=3, model_version=self.model_version
-            )
+            input_log = InputLog(path, int(cfg["input_log_mb"] * 2**20), backups=3, model_version=self.model_version)
+        metrics = HandlerMetrics(context.metrics, context.model_name, float(cfg["low_confidence"]))
+        self.monitor = Monitor(metrics, input_log, float(cfg["monitor_interval_s"]))
 
     def _load_torchscript_model(self, model_pt_path):
         with warnings.catch_warnings():  # torch 2.14 flags TorchScript as deprecated on every load
@@ -114,7 +113,15 @@ class GTSRBHandler(BaseHandler):
     def _monitor(self, data, top1: list[int], p1: list[float]) -> None:
         outcomes = Counter("too_large" if e.status == 413 else "bad_input" for e in data["errors"].values())
         outcomes["predicted"] = len(top1)
-        named = [(self.names[c], p) for c, p in zip(top1, p1)]
-        self.stats.record(+outcomes, named, data["preprocess_ms"], data["inference_ms"])
-        if self.input_log is not None and top1:
-            self.input_log.write(data["sizes"], image_stats(data["images"]).tolist(), top1, p1)
+        named = [(c, self.names[c], p) for c, p in zip(top1, p1)]
+        self.monitor.submit(
+            Batch(
+                time.time(),
+                +outcomes,
+                named,
+                data["preprocess_ms"],
+                data["inference_ms"],
+                data["images"],
+                data["sizes"],
+            )
+        )

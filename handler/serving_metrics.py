@@ -1,18 +1,25 @@
-"""What the handler reports for monitoring: Prometheus metrics and the input-statistics log.
+"""What the handler reports for monitoring: Prometheus metrics and the input-statistics log, off the
+request path.
 
-Metrics are declared in metrics.yaml (TorchServe drops undeclared ones) and aggregated per batch, so a
-batch emits a few metric lines, not several per request. The input log holds light statistics of each
-served image (never the image) for tools/drift_report.py, in a bounded, rotating JSON-lines file.
-Copied into the model archive as a top-level module.
+Metrics are declared in metrics.yaml (TorchServe drops undeclared ones). The input log holds light
+statistics of each served image (never the image) for tools/drift_report.py, in a bounded, rotating
+JSON-lines file. ``Monitor`` does both in a background thread, once per interval for every batch served
+meanwhile: the worker answers a request before any of it runs, and the frontend parses a few metric lines a
+second instead of ~10 per batch (BENCHMARKS.md, "Latency"). Copied into the model archive as a top-level module.
 """
 
 import json
 import logging
 import logging.handlers
+import queue
+import threading
 import time
+import typing
 from collections import Counter
 from pathlib import Path
 
+import torch
+from presets import image_stats
 from ts.metrics.metric_cache_errors import MetricsCacheKeyError
 from ts.metrics.metric_type_enum import MetricTypes
 
@@ -77,10 +84,83 @@ class InputLog:
             self.logger.addHandler(handler)
 
     def write(
-        self, sizes: list[tuple[int, int]], stats: list[list[float]], classes: list[int], probs: list[float]
+        self,
+        sizes: list[tuple[int, int]],
+        stats: list[list[float]],
+        classes: list[int],
+        probs: list[float],
+        times: list[float] | None = None,
     ) -> None:
-        now = round(time.time(), 3)
-        for (w, h), st, c, p in zip(sizes, stats, classes, probs):
-            row = {"t": now, "w": w, "h": h, "stats": [round(v, 5) for v in st], "class": c, "p": round(p, 5),
-                   "model_version": self.model_version}  # fmt: skip
+        """One row per image; ``times``: when each was served (default: now)."""
+        times = times or [time.time()] * len(sizes)
+        for t, (w, h), st, c, p in zip(times, sizes, stats, classes, probs):
+            row = {"t": round(t, 3), "w": w, "h": h, "stats": [round(v, 5) for v in st], "class": c,
+                   "p": round(p, 5), "model_version": self.model_version}  # fmt: skip
             self.logger.info(json.dumps(row, separators=(",", ":")))
+
+
+class Batch(typing.NamedTuple):
+    """What one served batch leaves for monitoring."""
+
+    t: float  # when it was served (time.time())
+    outcomes: Counter  # predicted / bad_input / too_large
+    top1: list[tuple[int, str, float]]  # (class index, class name, probability) per predicted image
+    preprocess_ms: float
+    inference_ms: float
+    images: torch.Tensor | None  # the predicted images, uint8 [N, 3, S, S], for their statistics
+    sizes: list[tuple[int, int]]  # their sizes as received
+
+
+class Monitor:
+    """Monitoring off the request path. ``submit()`` queues a batch (no other work); a daemon thread
+    ``flush()``es every ``interval`` seconds: the counters summed over the batches, the time gauges as their
+    mean per batch, and the input log rows with the statistics of all queued images computed at once. A worker
+    that dies loses at most ``interval`` seconds of metrics and log rows."""
+
+    def __init__(self, metrics: HandlerMetrics, input_log: InputLog | None, interval: float) -> None:
+        self.metrics, self.input_log, self.interval = metrics, input_log, interval
+        self._queue: queue.SimpleQueue[Batch] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._run, name="gtsrb-monitor", daemon=True).start()
+
+    def submit(self, batch: Batch) -> None:
+        self._queue.put(batch)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            try:
+                self.flush()
+            except Exception:  # monitoring must never stop: log and go on
+                log.exception("monitoring flush failed")
+
+    def flush(self) -> None:
+        """Emit everything submitted so far (the background thread's job; tests call it directly)."""
+        with self._lock:
+            batches = []
+            while True:
+                try:
+                    batches.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if not batches:
+                return
+            outcomes = sum((b.outcomes for b in batches), Counter())
+            top1 = [(name, p) for b in batches for _, name, p in b.top1]
+            predicting = [b.inference_ms for b in batches if b.top1]
+            self.metrics.record(
+                outcomes,
+                top1,
+                sum(b.preprocess_ms for b in batches) / len(batches),
+                sum(predicting) / len(predicting) if predicting else 0.0,
+            )
+            served = [b for b in batches if b.images is not None and b.top1]
+            if self.input_log is not None and served:
+                stats = image_stats(torch.cat([b.images for b in served])).tolist()
+                self.input_log.write(
+                    [s for b in served for s in b.sizes],
+                    stats,
+                    [c for b in served for c, _, _ in b.top1],
+                    [p for b in served for _, _, p in b.top1],
+                    [b.t for b in served for _ in b.top1],
+                )

@@ -86,6 +86,7 @@ def run(handler, rows: list, explain=()) -> list[tuple[int, object]]:
     request. Checks what every answer must satisfy: one per request, a fixed ASCII reason phrase."""
     ctx = batch_context(len(rows), explain)
     out = handler.handle(rows, ctx)
+    handler.monitor.flush()  # metrics and input log: written by a background thread, here at once
     assert len(out) == len(rows)
     answers = frontend_reads(bytes(create_predict_response(out, ctx.request_ids, "Prediction success", 200, ctx)))
     results = []

@@ -14,13 +14,14 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-HANDLER = ROOT / "handler" / "gtsrb_handler.py"
-MODEL_CONFIG = ROOT / "handler" / "model-config.yaml"
-# handler/ is the archive: every other module and data file in it is copied flat into the archive root
-# and imported there as a top-level module.
-EXTRA_FILES = sorted(
-    f for f in (ROOT / "handler").iterdir() if f.suffix in {".py", ".json"} and f not in (HANDLER, MODEL_CONFIG)
-)
+HANDLER_DIR = ROOT / "handler"
+MODEL_CONFIG = HANDLER_DIR / "model-config.yaml"
+
+
+def extra_files(handler_dir: Path = HANDLER_DIR) -> list[Path]:
+    """handler/ is the archive: every other module and data file in it is copied flat into the archive root
+    and imported there as a top-level module."""
+    return sorted(f for f in handler_dir.iterdir() if f.suffix in {".py", ".json"} and f.name != "gtsrb_handler.py")
 
 
 def model_version(model: Path, registered: str | None = None) -> str:
@@ -34,13 +35,15 @@ def build(
     export_path: Path = ROOT / "model_store",
     name: str = "gtsrb",
     registered: str | None = None,
+    config: Path = MODEL_CONFIG,
+    handler_dir: Path = HANDLER_DIR,
 ) -> Path:
     export_path.mkdir(parents=True, exist_ok=True)
     archiver = Path(sys.executable).parent / "torch-model-archiver"
     cmd = [
         str(archiver), "--force", "--model-name", name, "--version", model_version(model, registered),
-        "--export-path", str(export_path), "--serialized-file", str(model), "--handler", str(HANDLER),
-        "--extra-files", ",".join(str(f) for f in EXTRA_FILES), "--config-file", str(MODEL_CONFIG),
+        "--export-path", str(export_path), "--serialized-file", str(model), "--handler", str(handler_dir / "gtsrb_handler.py"),
+        "--extra-files", ",".join(str(f) for f in extra_files(handler_dir)), "--config-file", str(config),
     ]  # fmt: skip
     subprocess.run(cmd, check=True)
     return export_path / f"{name}.mar"

@@ -7,8 +7,8 @@ same concurrency levels, variants interleaved round by round so that drift of th
 
 A variant is ``name[:key=value,key=value...]``; a key is a top-level key of handler/model-config.yaml
 (``batchSize``), ``handler.<key>`` for the handler's section, ``ts.<property>`` for config.properties,
-``env.<VAR>`` for the server's environment, ``model`` for another TorchScript file, or ``git`` for the
-handler/ of another commit (its model-config.yaml too). The table reports
+``env.<VAR>`` for the server's environment, ``model`` for another TorchScript file, ``log_config`` for
+another log4j2.xml, or ``git`` for the handler/ of another commit (its model-config.yaml too). The table reports
 the median over rounds and every round's value; BENCHMARKS.md quotes it.
 """
 
@@ -47,7 +47,7 @@ def prepare(name: str, settings: dict, work: Path) -> dict:
         subprocess.run(["tar", "-x", "-C", str(base)], input=tar.stdout, check=True)
         handler_dir = base / "handler"
     cfg = yaml.safe_load((handler_dir / "model-config.yaml").read_text())
-    extra, env, model = {}, {}, MODEL
+    extra, env, model, log_config = {}, {}, MODEL, torchserve_ctl.LOG_CONFIG
     for key, text in settings.items():
         if key.startswith("handler."):
             cfg["handler"][key.removeprefix("handler.")] = _value(text)
@@ -57,12 +57,14 @@ def prepare(name: str, settings: dict, work: Path) -> dict:
             env[key.removeprefix("env.")] = text
         elif key == "model":
             model = Path(text).resolve()
+        elif key == "log_config":
+            log_config = Path(text).resolve()
         elif key != "git":
             cfg[key] = _value(text)
     (base / "model-config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     store = base / "model_store"
     archive.build(model=model, export_path=store, config=base / "model-config.yaml", handler_dir=handler_dir)
-    return {"base": base, "store": store, "extra": extra, "env": env}
+    return {"base": base, "store": store, "extra": extra, "env": env, "log_config": log_config}
 
 
 def measure(variant: dict, levels: list[int], seconds: int, warmup: int, wrk_files) -> dict[int, dict]:

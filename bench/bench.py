@@ -1,6 +1,6 @@
 """Serving benchmark: the in-process limit, our TorchServe, stock TorchServe and a FastAPI peer, in one run.
 
-    python -m bench.bench [--concurrency 1,8,32,64] [--duration 15] [--skip-stock] [--skip-fastapi]
+    python -m bench.bench [--concurrency 1,8,32,64] [--duration 15] [--warmup 30] [--skip-stock] [--skip-fastapi]
                           [--output reports/bench/bench.md] [--quick] [--container IMAGE]
 
 a. limit:   models/gtsrb.pt in this process at handler.torch_threads threads (and 2 for reference), batch 1
@@ -80,11 +80,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--container", metavar="IMAGE", help="also drive the serving image (e.g. gtsrb-serve:latest)")
     p.add_argument("--images", type=int, help="distinct PNG bodies (default 300; quick: 40)")
     p.add_argument("--data-root", type=Path, default=DATA_ROOT)
+    p.add_argument("--warmup", type=int, help="seconds of load before each server's levels (default 30; quick: 1)")
     a = p.parse_args(argv)
     a.levels = [int(c) for c in (a.concurrency or ("1,4" if a.quick else "1,8,32,64")).split(",") if c.strip()]
     a.duration = a.duration or (2 if a.quick else 15)
     a.images = a.images or (40 if a.quick else 300)
-    a.warmup = 1 if a.quick else min(5, a.duration)
+    # 30 s: the Java frontend's JIT settles (its CPU per request halves over the first ~40 s of load,
+    # BENCHMARKS.md "Latency"); every server gets the same warm-up.
+    a.warmup = a.warmup if a.warmup is not None else 1 if a.quick else 30
     a.limit_seconds = 0.5 if a.quick else min(5.0, a.duration / 3)
     return a
 
@@ -118,7 +121,7 @@ def main(argv=None) -> None:
             rows.extend(drive(name, url + PREDICTIONS, args.levels, args.duration, args.warmup, wrk_files, find))
 
         print(f"[limit] in-process, {threads} torch thread(s), batch 1 and {batch}", flush=True)
-        limit = measure_limit(images, batch, threads, args.limit_seconds)
+        limit = measure_limit(images, batch, threads, args.limit_seconds, int(cfg["handler"]["onednn_min_batch"]))
         per_image = 1 / limit[f"b{batch}_t{threads}"] + 1 / limit["decode"]
         parallel = max(1, min(workers, psutil.cpu_count(logical=True) // threads))
         ceiling = parallel * limit[f"b{batch}_t{threads}"]

@@ -10,7 +10,7 @@ MODEL ?= models/gtsrb.pt
 IMG ?= $(DATA)/gtsrb/GTSRB/Training/00014/00001_00029.ppm
 PORT ?= 8080
 
-.PHONY: help install teacher train mlflow-ui evaluate export archive serve stop predict test lint bench audit soak \
+.PHONY: help install teacher train mlflow-ui evaluate export archive serve stop predict test lint lock bench audit soak \
   drift-report clean docker-build docker-run docker-test docker-lock docker-sbom hadolint deploy-check deploy-domain \
   deploy deploy-demo deploy-scale-out deploy-teardown deploy-dry-run deploy-drift-report pipeline pipeline-push \
   prometheus cloud-check github-check train-cloud train-cloud-dry-run ci-trigger ci-trigger-dry-run train-image
@@ -18,21 +18,31 @@ PORT ?= 8080
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-17s\033[0m %s\n", $$1, $$2}'
 
-$(VENV)/.serve: requirements/torch.txt requirements/serve.txt
+# Each stamp installs its hash-pinned lock (make lock) and nothing else; the .txt files are the pins people edit.
+$(VENV)/.serve: requirements/serve-lock.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements/torch.txt -r requirements/serve.txt
+	$(PY) -m pip install -q --require-hashes -r requirements/serve-lock.txt
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.serve requirements/train.txt requirements/dev.txt requirements/mlops.txt
-	$(PY) -m pip install -q -r requirements/dev.txt
+$(VENV)/.dev: $(VENV)/.serve requirements/dev-lock.txt
+	$(PY) -m pip install -q --require-hashes -r requirements/dev-lock.txt
 	touch $@
 
-$(VENV)/.bench: $(VENV)/.dev requirements/bench.txt
-	$(PY) -m pip install -q -r requirements/bench.txt
+$(VENV)/.bench: $(VENV)/.dev requirements/bench-lock.txt
+	$(PY) -m pip install -q --require-hashes -r requirements/bench-lock.txt
 	touch $@
 
 install: $(VENV)/.dev ## create .venv with everything (serve + train + dev)
+
+# Linux x86_64, CPython 3.11 (the Quick start's machine). bench.txt holds every other set, so it is resolved first and
+# its lock constrains the other two: the three agree on every shared package. pip, the installer, is locked too.
+UV_COMPILE = $(BIN)/uv pip compile -q --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+  --native-tls --custom-compile-command 'make lock'
+
+lock: $(VENV)/.dev ## resolve requirements/*.txt into the hash-pinned serve-, dev- and bench-lock.txt (uv; keeps versions)
+	cd requirements && $(UV_COMPILE) bench.txt -o bench-lock.txt
+	cd requirements && $(UV_COMPILE) dev.txt -c bench-lock.txt -o dev-lock.txt
+	cd requirements && echo pip | $(UV_COMPILE) torch.txt serve.txt - -c bench-lock.txt -o serve-lock.txt
 
 teacher: $(VENV)/.dev ## train the distillation teacher (configs/teacher.yaml) -> runs/teacher/latest/best.pth
 	$(PY) -m training.train -c training/configs/teacher.yaml --data-root $(DATA)

@@ -1,11 +1,15 @@
-"""What goes into the serving image is pinned by hash: requirements/image-lock.txt (make docker-lock), installed
-with pip --require-hashes. Offline checks; tests/test_container.py checks the built image against the lock."""
+"""Every install is pinned by hash: the image installs requirements/image-lock.txt (make docker-lock), the Makefile's
+stamps serve-, dev- and bench-lock.txt (make lock), all with pip --require-hashes. Offline checks that the locks are
+not stale; tests/test_container.py checks the built image against its lock."""
 
 import re
+
+import pytest
 
 from tests.conftest import ROOT
 
 REQ = ROOT / "requirements"
+MAKEFILE = (ROOT / "Makefile").read_text()
 
 
 def pins(text: str) -> dict[str, str]:
@@ -18,10 +22,19 @@ def pins(text: str) -> dict[str, str]:
     return found
 
 
-def lock_entries() -> dict[str, list[str]]:
+def pins_with_includes(name: str) -> dict[str, str]:
+    """The pins of requirements/NAME and of the files it pulls in with `-r`: what `pip install -r NAME` asks for."""
+    text = (REQ / name).read_text()
+    found = pins(text)
+    for include in re.findall(r"^-r (\S+)", text, re.M):
+        found |= pins_with_includes(include)
+    return found
+
+
+def lock_entries(lock: str = "image-lock.txt") -> dict[str, list[str]]:
     """name==version -> its --hash values, from the lock file's continuation lines."""
     entries, current = {}, None
-    for line in (REQ / "image-lock.txt").read_text().splitlines():
+    for line in (REQ / lock).read_text().splitlines():
         if re.match(r"^[A-Za-z0-9]", line):
             current = line.split(" ")[0]
             entries[current] = []
@@ -30,8 +43,22 @@ def lock_entries() -> dict[str, list[str]]:
     return entries
 
 
-def test_every_locked_package_has_a_sha256():
-    entries = lock_entries()
+def make_lock_inputs() -> dict[str, list[str]]:
+    """lock file -> the .txt files `make lock` resolves into it (read from the Makefile, where it is defined)."""
+    recipe = MAKEFILE.split("\nlock:", 1)[1].split("\n\n", 1)[0]
+    locks = {}
+    for args, lock in re.findall(r"\$\(UV_COMPILE\) (.*?) -o (\S+)", recipe):
+        words = args.split()
+        locks[lock] = [w for i, w in enumerate(words) if w.endswith(".txt") and words[i - 1] != "-c"]
+    return locks
+
+
+LOCAL_LOCKS = {"serve-lock.txt": ".serve", "dev-lock.txt": ".dev", "bench-lock.txt": ".bench"}
+
+
+@pytest.mark.parametrize("lock", ["image-lock.txt", *LOCAL_LOCKS])
+def test_every_locked_package_has_a_sha256(lock):
+    entries = lock_entries(lock)
     assert len(entries) >= 15
     for req, hashes in entries.items():
         assert hashes and all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes), req
@@ -55,3 +82,35 @@ def test_the_image_build_installs_the_lock_with_hashes_only():
     build = (ROOT / "docker" / "build.sh").read_text()
     assert "--require-hashes" in build and "-r requirements/image-lock.txt" in build
     assert "!requirements/image-lock.txt" in (ROOT / ".dockerignore").read_text()  # in the build context
+
+
+def test_make_lock_writes_one_lock_per_install_stamp():
+    assert make_lock_inputs() == {
+        "bench-lock.txt": ["bench.txt"],
+        "dev-lock.txt": ["dev.txt"],
+        "serve-lock.txt": ["torch.txt", "serve.txt"],
+    }
+
+
+@pytest.mark.parametrize("lock", LOCAL_LOCKS)
+def test_local_lock_holds_every_pin_of_its_inputs(lock):
+    """A pin added or changed in requirements/*.txt without `make lock` fails here, not at someone's install."""
+    locked = pins((REQ / lock).read_text())
+    wanted = {}
+    for name in make_lock_inputs()[lock]:
+        wanted |= pins_with_includes(name)
+    assert {k: locked.get(k) for k in wanted} == wanted
+    # A pin deleted from an input: the lock still says the package came from that file.
+    text = (REQ / lock).read_text()
+    for entry in re.split(r"\n(?=[a-z0-9])", text)[1:]:
+        name = entry.split("==")[0]
+        for source in re.findall(r"-r (\S+\.txt)", entry):
+            assert name in pins((REQ / source).read_text()), f"{lock}: {name} is no longer in {source}"
+
+
+@pytest.mark.parametrize(("lock", "stamp"), LOCAL_LOCKS.items())
+def test_the_makefile_installs_each_lock_with_hashes_only(lock, stamp):
+    rule = re.search(rf"^\$\(VENV\)/{stamp}: (.*)\n((?:\t.*\n)+)", MAKEFILE, re.M)
+    assert f"requirements/{lock}" in rule.group(1).split()  # a new lock reinstalls
+    installs = [line for line in rule.group(2).splitlines() if "pip install" in line]
+    assert installs == [f"\t$(PY) -m pip install -q --require-hashes -r requirements/{lock}"]

@@ -34,8 +34,8 @@ from bench import report, servers
 from bench.inputs import DATA_ROOT, make_images
 from bench.limit import measure_limit
 from bench.rss import RssSampler, torchserve_processes
-from bench.servers import PREDICTIONS, ROOT
-from bench.wrk import ensure_wrk, run_wrk, socket_errors, write_inputs
+from bench.servers import PREDICTIONS_PATH, ROOT
+from bench.wrk import ensure_wrk, http_4xx_5xx, run_wrk, socket_errors, write_inputs
 from tools import archive, torchserve_ctl
 
 
@@ -56,14 +56,14 @@ def drive(name: str, url: str, levels: list[int], seconds: int, warmup: int, wrk
             "p90_ms": r["latency_us"].get("p90", 0) / 1e3,
             "p99_ms": r["latency_us"].get("p99", 0) / 1e3,
             "socket_errors": socket_errors(r),
-            "non2xx": r["errors"]["status"],
+            "http_4xx_5xx": http_4xx_5xx(r),
             "rss_mib": rss.peak,
             "frontend_mib": rss.frontend_peak,
         }
         rows.append(row)
         print(
             f"[{name}] c={c:<3} {row['rps']:8.1f} req/s  p50 {row['p50_ms']:.1f} ms  p99 {row['p99_ms']:.1f} ms"
-            f"  socket errors {row['socket_errors']}  non-2xx {row['non2xx']}  RSS {row['rss_mib']:.0f} MiB",
+            f"  socket errors {row['socket_errors']}  HTTP 4xx/5xx {row['http_4xx_5xx']}  RSS {row['rss_mib']:.0f} MiB",
             flush=True,
         )
     return rows
@@ -118,7 +118,7 @@ def main(argv=None) -> None:
         wrk_files = write_inputs(work, images)
 
         def run(name: str, url: str, find) -> None:
-            rows.extend(drive(name, url + PREDICTIONS, args.levels, args.duration, args.warmup, wrk_files, find))
+            rows.extend(drive(name, url + PREDICTIONS_PATH, args.levels, args.duration, args.warmup, wrk_files, find))
 
         print(f"[limit] in-process, {threads} torch thread(s), batch 1 and {batch}", flush=True)
         limit = measure_limit(images, batch, threads, args.limit_seconds, int(cfg["handler"]["onednn_min_batch"]))

@@ -26,7 +26,7 @@ import psutil
 
 from bench.inputs import DATA_ROOT, make_images
 from bench.rss import torchserve_processes
-from bench.servers import CONFIG, MODEL, PREDICTIONS
+from bench.servers import CONFIG, MODEL, PREDICTIONS_PATH
 from bench.wrk import ensure_wrk, run_wrk, write_inputs
 from tools import archive, torchserve_ctl
 
@@ -68,7 +68,7 @@ def main(argv=None) -> None:
     store = work / "model_store"
     archive.build(model=MODEL, export_path=store)
     with torchserve_ctl.serving(work / "ts", store, CONFIG) as ts:
-        url = ts.urls["inference"] + PREDICTIONS
+        url = ts.urls["inference"] + PREDICTIONS_PATH
         run_wrk(url, 8, 3, script, listing)  # warm-up
         workers, java = torchserve_processes(ts.proc.pid)
 
@@ -137,12 +137,12 @@ def cpu_seconds(procs) -> float:
 _WRK_CALL = """
 import sys
 from pathlib import Path
-from bench.wrk import failed, run_wrk
+from bench.wrk import failed_requests, run_wrk
 url, c, d, script, listing = sys.argv[1:]
 r = run_wrk(url, int(c), int(d), Path(script), Path(listing))
 lat = r["latency_us"]
 print(f"{r['rps']:.0f} req/s, p50 {lat.get('p50', 0) / 1e3:.1f} ms, p99 {lat.get('p99', 0) / 1e3:.1f} ms, "
-      f"failed {failed(r)}")
+      f"failed requests {failed_requests(r)}")
 """
 
 if __name__ == "__main__":

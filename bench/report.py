@@ -50,7 +50,7 @@ def machine_info() -> dict:
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| server | concurrency | req/s | p50 ms | p90 ms | p99 ms | socket errors | non-2xx | requests "
+        "| server | concurrency | req/s | p50 ms | p90 ms | p99 ms | socket errors | HTTP 4xx/5xx | requests "
         "| worker RSS MiB (peak, sum) | frontend RSS MiB |\n"
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
@@ -60,7 +60,7 @@ def table(rows: list[dict]) -> str:
         p50, p90, p99 = (f"{r[k]:.1f}" if r["requests"] else "-" for k in ("p50_ms", "p90_ms", "p99_ms"))
         body += (
             f"| {r['server']} | {r['concurrency']} | {r['rps']:.1f} | {p50} | {p90} | {p99} "
-            f"| {r['socket_errors']} | {r['non2xx']} | {r['requests']} | {r['rss_mib']:.0f} | {frontend} |\n"
+            f"| {r['socket_errors']} | {r['http_4xx_5xx']} | {r['requests']} | {r['rss_mib']:.0f} | {frontend} |\n"
         )
     return head + body
 
@@ -148,7 +148,7 @@ The load generator runs on the same machine and shares its cores with the server
 
 {duration} s of load per concurrency level after a {warmup} s warm-up; latencies from wrk's
 histogram. *socket errors* = requests with no answer (connect, read and write errors and timeouts of 30 s);
-*non-2xx* = answers with HTTP status >= 400.
+*HTTP 4xx/5xx* = answers with HTTP status >= 400.
 Worker RSS: peak of the summed RSS of the TorchServe `model_service_worker` processes (the uvicorn process
 for FastAPI) sampled every 0.25 s; frontend: the TorchServe Java process.
 

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "gtsrb.pt"
 CONFIG = ROOT / "config.properties"
 NAMES = ROOT / "handler" / "index_to_name.json"
-PREDICTIONS = f"/predictions/{torchserve_ctl.MODEL}"  # the URL path of a prediction, on every server
+PREDICTIONS_PATH = f"/predictions/{torchserve_ctl.MODEL}"  # the URL path of a prediction, on every server
 
 
 def build_stock_archive(work: Path, store: Path) -> None:

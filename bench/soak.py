@@ -5,10 +5,11 @@
 1. kill -9 a worker under load (wrk, concurrency 32): failed requests, time until every worker is READY
    again, what the readiness check (tools.torchserve_ctl.model_status, used by `make serve`) saw.
 2. overload beyond job_queue_size (a copy of the config with a small queue): the refusals are clean 503s
-   with a JSON message, and a normal load right after has no error.
+   with a JSON message, and a normal load right after has no failed request.
 3. soak: --soak-seconds at concurrency 64: failed requests, worker RSS at the start and the end.
 
-A failed request is one with no answer (socket error, timeout) or with HTTP status >= 400 (bench.wrk.failed).
+A failed request is one with no answer (socket error, timeout) or with HTTP status >= 400
+(bench.wrk.failed_requests).
 The report is generated output (reports/, git-ignored); RELIABILITY.md is written by hand and quotes it.
 """
 
@@ -30,14 +31,14 @@ import requests
 from bench.inputs import DATA_ROOT, make_images
 from bench.rss import rss_mib
 from bench.rss import torchserve_processes as processes
-from bench.servers import CONFIG, MODEL, PREDICTIONS, ROOT
-from bench.wrk import ensure_wrk, failed, run_wrk, socket_errors, write_inputs
+from bench.servers import CONFIG, MODEL, PREDICTIONS_PATH, ROOT
+from bench.wrk import ensure_wrk, failed_requests, http_4xx_5xx, run_wrk, socket_errors, write_inputs
 from tools import archive, torchserve_ctl
 
 
 def kill_worker_under_load(urls, proc, wrk_files) -> dict:
     result: dict = {}
-    url = urls["inference"] + PREDICTIONS
+    url = urls["inference"] + PREDICTIONS_PATH
     load = threading.Thread(target=lambda: result.update(wrk=run_wrk(url, 32, 20, *wrk_files)))
     load.start()
     time.sleep(5)
@@ -60,7 +61,7 @@ def kill_worker_under_load(urls, proc, wrk_files) -> dict:
         "recovery_s": recovered,
         "readiness_saw_outage": saw_outage,
         "requests": r["requests"],
-        "failed": failed(r),
+        "failed_requests": failed_requests(r),
         "timeouts": r["errors"]["timeout"],
         "p99_ms": r["latency_us"].get("p99", 0) / 1e3,
     }
@@ -69,7 +70,7 @@ def kill_worker_under_load(urls, proc, wrk_files) -> dict:
 def overload(base: Path, store: Path, wrk_files) -> dict:
     extra = {"job_queue_size": 8}
     with torchserve_ctl.serving(base, store, CONFIG, extra) as ts:
-        url = ts.urls["inference"] + PREDICTIONS
+        url = ts.urls["inference"] + PREDICTIONS_PATH
         sample = None
         burst = {}
         t = threading.Thread(target=lambda: burst.update(r=run_wrk(url, 256, 10, *wrk_files)))
@@ -87,17 +88,17 @@ def overload(base: Path, store: Path, wrk_files) -> dict:
         return {
             "job_queue_size": 8,
             "burst_requests": burst["r"]["requests"],
-            "burst_503": burst["r"]["errors"]["status"],
+            "burst_http_4xx_5xx": http_4xx_5xx(burst["r"]),
             "burst_socket_errors": socket_errors(burst["r"]),
             "sample_503": sample,
             "after_requests": after["requests"],
-            "after_failed": failed(after),
+            "after_failed_requests": failed_requests(after),
         }
 
 
 def soak(urls, proc, wrk_files, seconds: int) -> dict:
     workers, _ = processes(proc.pid)
-    url = urls["inference"] + PREDICTIONS
+    url = urls["inference"] + PREDICTIONS_PATH
     run_wrk(url, 64, 15, *wrk_files)  # warm-up, so that RSS has settled
     start_rss = rss_mib(processes(proc.pid)[0])
     r = run_wrk(url, 64, seconds, *wrk_files)
@@ -107,7 +108,7 @@ def soak(urls, proc, wrk_files, seconds: int) -> dict:
         "seconds": seconds,
         "requests": r["requests"],
         "rps": r["rps"],
-        "failed": failed(r),
+        "failed_requests": failed_requests(r),
         "p99_ms": r["latency_us"].get("p99", 0) / 1e3,
         "rss_start_mib": start_rss,
         "rss_end_mib": end_rss,
@@ -155,7 +156,7 @@ def write_report(path: Path, kill: dict, long: dict, over: dict) -> None:
         "",
         "## A worker killed with SIGKILL under load (concurrency 32, 20 s)",
         "",
-        f"- requests: {kill['requests']}, failed: **{kill['failed']}** (timeouts: {kill['timeouts']}), p99 {kill['p99_ms']:.0f} ms",
+        f"- requests: {kill['requests']}, failed requests: **{kill['failed_requests']}** (timeouts: {kill['timeouts']}), p99 {kill['p99_ms']:.0f} ms",
         f"- TorchServe restarted the worker; every worker READY again after **{kill['recovery_s']:.2f} s**"
         if kill["recovery_s"] is not None
         else "- the worker did **not** come back within 60 s",
@@ -165,16 +166,16 @@ def write_report(path: Path, kill: dict, long: dict, over: dict) -> None:
         "",
         f"## Sustained load: {long['seconds']} s at concurrency 64",
         "",
-        f"- {long['requests']} requests, {long['rps']:.0f} req/s, failed: **{long['failed']}**, p99 {long['p99_ms']:.0f} ms",
+        f"- {long['requests']} requests, {long['rps']:.0f} req/s, failed requests: **{long['failed_requests']}**, p99 {long['p99_ms']:.0f} ms",
         f"- worker RSS (sum of both): {long['rss_start_mib']:.0f} MiB after warm-up, {long['rss_end_mib']:.0f} MiB at the end:"
         f" **{long['rss_growth_pct']:+.1f}%**; same worker processes throughout: {long['same_workers']}",
         "",
         f"## Overload beyond job_queue_size ({over['job_queue_size']}, 256 connections, 10 s)",
         "",
-        f"- {over['burst_requests']} requests answered, of which {over['burst_503']} refused with 503;"
-        f" socket errors: {over['burst_socket_errors']}",
+        f"- {over['burst_requests']} requests answered, of which {over['burst_http_4xx_5xx']} with HTTP 4xx/5xx"
+        f" (refusals; one is quoted below); socket errors: {over['burst_socket_errors']}",
         f"- a refusal: `{json.dumps(over['sample_503'])}`",
-        f"- right after, 10 s at concurrency 8: {over['after_requests']} requests, failed: **{over['after_failed']}**",
+        f"- right after, 10 s at concurrency 8: {over['after_requests']} requests, failed requests: **{over['after_failed_requests']}**",
         "",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,10 +2,11 @@
 
     files = write_inputs(work, images)            # the Lua script + the list of bodies
     r = run_wrk(url, concurrency, seconds, *files)  # {"requests", "rps", "errors": {...}, "latency_us": {...}}
-    socket_errors(r), failed(r)
+    socket_errors(r), http_4xx_5xx(r), failed_requests(r)
 
-wrk's "errors" are of two kinds, kept apart everywhere: socket errors (connect, read, write, timeout: the
-request got no answer) and "status" (an answer with HTTP status >= 400). failed() counts both.
+wrk's "errors" (its own word, kept in the dict) are of two kinds, named apart everywhere else: socket errors
+(connect, read, write, timeout: the request got no answer) and HTTP 4xx/5xx (an answer with status >= 400;
+wrk prints it as "Non-2xx or 3xx responses"). A failed request is either.
 """
 
 import json
@@ -132,6 +133,11 @@ def socket_errors(r: dict) -> int:
     return e["connect"] + e["read"] + e["write"] + e["timeout"]
 
 
-def failed(r: dict) -> int:
-    """Requests that did not succeed: socket errors plus answers with HTTP status >= 400."""
-    return socket_errors(r) + r["errors"]["status"]
+def http_4xx_5xx(r: dict) -> int:
+    """Requests answered with HTTP status >= 400."""
+    return r["errors"]["status"]
+
+
+def failed_requests(r: dict) -> int:
+    """Requests that did not succeed: socket errors plus HTTP 4xx/5xx answers."""
+    return socket_errors(r) + http_4xx_5xx(r)

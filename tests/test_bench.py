@@ -35,9 +35,9 @@ def test_quick_bench_writes_a_report(tmp_path, gtsrb_root):
     rows = re.findall(r"^\| (ours|fastapi|stock) \| (\d+) \| ([\d.]+) \|(?:[^|]*\|){3} (\d+) \| (\d+) \|", text, re.M)
     servers = {"ours", "fastapi"} if fastapi else {"ours"}
     assert {(s, c) for s, c, *_ in rows} == {(s, c) for s in servers for c in ("1", "4")}, text
-    for server, conc, rps, errors, non2xx in rows:
+    for server, conc, rps, socket_errors, http_4xx_5xx in rows:
         assert float(rps) > 0, (server, conc)
-        assert errors == "0" and non2xx == "0", (server, conc, errors, non2xx)
+        assert socket_errors == "0" and http_4xx_5xx == "0", (server, conc, socket_errors, http_4xx_5xx)
     assert "## In-process limit" in text and "config.properties" in text
 
 
@@ -58,12 +58,12 @@ Requests/sec:     50.00
 def test_wrk_counts_unanswered_requests_apart_from_error_answers():
     """Without the Lua summary, wrk's own text is read; a request with no answer (socket error, timeout) is a
     socket error, an answer >= 400 is not, and a failed request is either."""
-    from bench.wrk import failed, parse_wrk, socket_errors
+    from bench.wrk import failed_requests, http_4xx_5xx, parse_wrk, socket_errors
 
     r = parse_wrk(WRK_TEXT)
     assert (r["requests"], r["rps"]) == (100, 50.0)
     assert r["latency_us"] == {"p50": 8100.0, "p90": 12500.0, "p99": 1.2e6}
-    assert (socket_errors(r), r["errors"]["status"], failed(r)) == (3, 3, 6)
+    assert (socket_errors(r), http_4xx_5xx(r), failed_requests(r)) == (3, 3, 6)
 
 
 def test_bench_report_is_not_the_written_document():

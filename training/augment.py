@@ -1,4 +1,10 @@
-"""Training-time augmentation: per-sample random geometry and photometry on a uint8 batch, on its device."""
+"""Training-time augmentation: per-sample random geometry and photometry on a uint8 batch, on its device.
+
+Not kornia.augmentation (issue #14: switch if within ~20% of this speed). `python -m bench.augment_speed`,
+batch 256x3x32x32, this 2-core box busy with other jobs (2026-11-28): at 1 thread kornia 0.9.0 took 0.58x
+TrainAugment's median time (75 vs 129 ms a batch), at 2 threads, torch's default here and what training
+uses, 1.66x (728 vs 438 ms). Re-measure on an idle machine before deciding again.
+"""
 
 import torch
 
@@ -9,7 +15,8 @@ class TrainAugment:
     Each image draws its own parameters. Measured on this 2-core box, ``transforms.v2`` applied per
     sample costs 1.5-3 ms an image (more than the training step itself), and applied to a batch tensor
     it draws one set of parameters for the whole batch; so the same operations (affine, colour jitter,
-    blur, erasing) are written here as batched tensor code: ~1 ms a batch.
+    blur, erasing) are written here as batched tensor code: ~0.15 ms an image (35 ms of CPU a batch of
+    256 at one thread, bench/augment_speed.py).
 
     No horizontal flip (timm's default hflip=0.5 is wrong here: it turns "keep left" into "keep right"
     and mirrors digits). Geometry and photometry mimic a camera on a moving car: small rotations,

@@ -22,8 +22,8 @@ from pathlib import Path
 import yaml
 
 from bench.inputs import DATA_ROOT, make_images
-from bench.servers import CONFIG, MODEL, PREDICTIONS, ROOT
-from bench.wrk import ensure_wrk, failed, run_wrk, write_inputs
+from bench.servers import CONFIG, MODEL, PREDICTIONS_PATH, ROOT
+from bench.wrk import ensure_wrk, failed_requests, run_wrk, write_inputs
 from tools import archive, torchserve_ctl
 
 
@@ -71,7 +71,7 @@ def measure(variant: dict, levels: list[int], seconds: int, warmup: int, wrk_fil
     with torchserve_ctl.serving(
         variant["base"] / "run", variant["store"], CONFIG, variant["extra"], variant["env"]
     ) as ts:
-        url = ts.urls["inference"] + PREDICTIONS
+        url = ts.urls["inference"] + PREDICTIONS_PATH
         run_wrk(url, max(levels), warmup, *wrk_files)
         out = {}
         for c in levels:
@@ -80,7 +80,7 @@ def measure(variant: dict, levels: list[int], seconds: int, warmup: int, wrk_fil
                 "rps": r["rps"],
                 "p50": r["latency_us"]["p50"] / 1e3,
                 "p99": r["latency_us"]["p99"] / 1e3,
-                "failed": failed(r),
+                "failed": failed_requests(r),
             }
             print(f"  {c=:<3} {out[c]['rps']:7.1f} req/s  p50 {out[c]['p50']:5.2f} ms  p99 {out[c]['p99']:6.2f} ms"
                   f"  failed {out[c]['failed']}", flush=True)  # fmt: skip

@@ -34,13 +34,14 @@ def build(
     export_path: Path = ROOT / "model_store",
     name: str = "gtsrb",
     registered: str | None = None,
+    config: Path = MODEL_CONFIG,
 ) -> Path:
     export_path.mkdir(parents=True, exist_ok=True)
     archiver = Path(sys.executable).parent / "torch-model-archiver"
     cmd = [
         str(archiver), "--force", "--model-name", name, "--version", model_version(model, registered),
         "--export-path", str(export_path), "--serialized-file", str(model), "--handler", str(HANDLER),
-        "--extra-files", ",".join(str(f) for f in EXTRA_FILES), "--config-file", str(MODEL_CONFIG),
+        "--extra-files", ",".join(str(f) for f in EXTRA_FILES), "--config-file", str(config),
     ]  # fmt: skip
     subprocess.run(cmd, check=True)
     return export_path / f"{name}.mar"

@@ -21,8 +21,8 @@ from pathlib import Path
 from google.protobuf import empty_pb2
 
 from bench.inputs import DATA_ROOT, make_images
-from tests.grpc_client import Client
 from tools import archive
+from tools.grpc_client import Client
 from tools.torchserve_ctl import ROOT, serving
 
 

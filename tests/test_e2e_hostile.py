@@ -18,8 +18,8 @@ from PIL import Image
 
 from tests.conftest import ROOT
 from tests.corpus import encode, png_header_only
-from tests.grpc_client import Client
 from tests.ts_server import serving, worker_pids
+from tools.grpc_client import Client
 
 pytestmark = pytest.mark.e2e
 NAMES = json.loads((ROOT / "handler" / "index_to_name.json").read_text())

@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 import tempfile
@@ -13,23 +14,83 @@ for p in (ROOT / "handler", ROOT):
 # Training runs in the tests log to a throw-away MLflow store, never to the developer's mlruns/.
 os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tempfile.mkdtemp(prefix='gtsrb-mlflow-')}/mlflow.db")
 
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# GTSRB_SHARED_DATA=/nonexistent runs the tests as on a fresh clone without ../shared.
+SHARED_DATA = Path(os.environ.get("GTSRB_SHARED_DATA") or ROOT.parent / "shared" / "data")
+REAL_DATA = (SHARED_DATA / "gtsrb" / "GTSRB" / "Training").is_dir()
 MODEL = ROOT / "models" / "gtsrb.pt"
+NAMES = json.loads((ROOT / "handler" / "index_to_name.json").read_text())
+NO_REAL_DATA = f"real GTSRB data not found at {SHARED_DATA}: this test is about the real signs"
+# The sign classes the tests send; 14 (Stop) is the one the handler tests transform.
+SIGN_CLASSES = (1, 12, 13, 14, 17, 25, 33, 38)
 
 
 @pytest.fixture(scope="session")
-def gtsrb_root() -> Path:
-    """The real GTSRB training split (read-only, never committed); tests that need it skip without it."""
-    if not (SHARED_DATA / "gtsrb" / "GTSRB" / "Training").is_dir():
-        pytest.skip(f"real GTSRB data not found at {SHARED_DATA}")
+def real_gtsrb_root() -> Path:
+    """The real GTSRB training split (read-only, never committed); skips without it."""
+    if not REAL_DATA:
+        pytest.skip(NO_REAL_DATA)
     return SHARED_DATA
 
 
 @pytest.fixture(scope="session")
-def real_signs(gtsrb_root) -> list[tuple[Path, int]]:
-    """A few real training images, one track-end frame (the sharpest) of several classes."""
+def gtsrb_root(tmp_path_factory) -> Path:
+    """A GTSRB training split in torchvision's layout: the real one at ../shared/data (or $GTSRB_SHARED_DATA),
+    else training.data's synthetic drawings (6 tracks of 5 frames per class), rendered here, never committed."""
+    if REAL_DATA:
+        return SHARED_DATA
+    from training.data import make_synthetic
+
+    return make_synthetic(tmp_path_factory.mktemp("gtsrb"), tracks_per_class=6, frames=5, test_per_class=0)
+
+
+def _track_end(root: Path, cls: int) -> Path:
+    """A real track's end frame (the sharpest): what real_signs were always made of."""
+    return sorted((root / "gtsrb" / "GTSRB" / "Training" / f"{cls:05d}").glob("*_00029.ppm"))[0]
+
+
+@pytest.fixture(scope="session")
+def real_signs(real_gtsrb_root) -> list[tuple[Path, int]]:
+    """A few real training images (path, true class); skips without the real data."""
+    return [(_track_end(real_gtsrb_root, cls), cls) for cls in SIGN_CLASSES]
+
+
+@pytest.fixture(scope="session")
+def signs(gtsrb_root) -> list[tuple[Path, int]]:
+    """(path, class the served model must answer), one image per SIGN_CLASSES entry, in that order.
+
+    Real data: real_signs with their true class. Synthetic: of each class's drawings, the one the shipped model
+    is surest of, with the model's own (in-process) answer, which need not be the drawn class: the shipped model
+    learnt real signs. Sure answers survive re-encoding and resizing, so served answers must equal them."""
+    if REAL_DATA:
+        return [(_track_end(gtsrb_root, cls), cls) for cls in SIGN_CLASSES]
+    import torch
+    from PIL import Image
+
+    from handler.presets import EvalPreset
+    from training import export
+
+    model = export.load(MODEL)
+    preset = EvalPreset(size=int(model.image_size))
     picks = []
-    for cls in (1, 12, 13, 14, 17, 25, 33, 38):
-        folder = gtsrb_root / "gtsrb" / "GTSRB" / "Training" / f"{cls:05d}"
-        picks.append((sorted(folder.glob("*_00029.ppm"))[0], cls))
+    for cls in SIGN_CLASSES:
+        paths = sorted((gtsrb_root / "gtsrb" / "GTSRB" / "Training" / f"{cls:05d}").glob("*.ppm"))
+        with torch.inference_mode():
+            probs = torch.softmax(model(torch.stack([preset(Image.open(p).convert("RGB")) for p in paths])), 1)
+        best = int(probs.max(1).values.argmax())
+        picks.append((paths[best], int(probs[best].argmax())))
     return picks
+
+
+@pytest.fixture(scope="session")
+def stop_sign(signs):
+    """The class-14 sign as a 96x96 RGB image (PIL)."""
+    from PIL import Image
+
+    path, _ = signs[SIGN_CLASSES.index(14)]
+    return Image.open(path).convert("RGB").resize((96, 96), Image.BICUBIC)
+
+
+@pytest.fixture(scope="session")
+def stop_answer(signs) -> str:
+    """The class name the served model must answer for stop_sign: "Stop" on real data."""
+    return NAMES[str(signs[SIGN_CLASSES.index(14)][1])]

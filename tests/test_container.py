@@ -2,7 +2,7 @@
 
 Not part of `make test` (it needs a Docker engine and minutes to build). It runs the image the way
 `make docker-run` and the Compute Engine VM do (docker/run.sh) and checks what a user of it meets: it turns
-healthy and /ready once the model is READY, real signs get the answers of the model in this repository's own
+healthy and /ready once the model is READY, signs get the answers of the model in this repository's own
 torch (the image's CPU-only torch may be another version), bad input gets a 4xx JSON error, it runs as
 non-root with inference published and metrics on the host's loopback only, the input-statistics log lands in
 the mounted folder, memory is bounded (container limit, JVM heap), the image holds exactly the locked
@@ -28,13 +28,13 @@ import torch
 from PIL import Image
 
 from handler.presets import EvalPreset
-from tests.conftest import MODEL, ROOT
+from tests.conftest import MODEL, NAMES, ROOT
+from tests.corpus import encode
 from training import export
 
 pytestmark = pytest.mark.docker
 IMAGE = os.environ.get("IMAGE", "gtsrb-serve:latest")
 DOCKER = os.environ.get("DOCKER", "docker")
-NAMES = json.loads((ROOT / "handler" / "index_to_name.json").read_text())
 LOCK = ROOT / "requirements" / "image-lock.txt"
 
 
@@ -83,9 +83,7 @@ def predict(url, body: bytes) -> requests.Response:
 
 
 def png(path) -> bytes:
-    buf = io.BytesIO()
-    Image.open(path).save(buf, "PNG")
-    return buf.getvalue()
+    return encode(Image.open(path), "PNG")
 
 
 def test_non_root_cpu_torch_and_only_inference_and_metrics_published_on_loopback(container):
@@ -113,9 +111,9 @@ def test_non_root_cpu_torch_and_only_inference_and_metrics_published_on_loopback
     assert not any(e.startswith("TS_METRICS_ADDRESS=") for e in env)
 
 
-def test_ready_and_metrics_and_input_log_reach_the_host(container, real_signs):
+def test_ready_and_metrics_and_input_log_reach_the_host(container, signs):
     assert requests.get(f"{container['url']}/ready", timeout=5).json() == {"status": "READY"}
-    assert predict(container["url"], png(real_signs[0][0])).status_code == 200
+    assert predict(container["url"], png(signs[0][0])).status_code == 200
     metrics = requests.get(f"{container['metrics']}/metrics", timeout=5).text
     assert "ts_inference_requests_total" in metrics
     # The input-statistics log (the drift report's input) is in the host folder docker/run.sh mounted.
@@ -170,10 +168,10 @@ def test_sbom_lists_debian_python_and_java_parts(container, tmp_path):
     assert "model-server" in components  # TorchServe's frontend jar (its bundled libraries: SECURITY.md)
 
 
-def test_real_signs_get_the_answers_of_the_shipped_model(container, real_signs):
+def test_signs_get_the_answers_of_the_shipped_model(container, signs):
     model = export.load(MODEL)
     preset = EvalPreset(size=int(model.image_size))
-    for path, label in real_signs:
+    for path, label in signs:
         body = png(path)
         r = predict(container["url"], body)
         assert r.status_code == 200, r.text
@@ -188,11 +186,11 @@ def test_real_signs_get_the_answers_of_the_shipped_model(container, real_signs):
         assert list(served)[0] == NAMES[str(label)]
 
 
-def test_bad_input_gets_a_4xx_json_error(container, real_signs):
-    for body in (b"this is not an image", png(real_signs[0][0])[:60]):
+def test_bad_input_gets_a_4xx_json_error(container, signs):
+    for body in (b"this is not an image", png(signs[0][0])[:60]):
         r = predict(container["url"], body)
         assert r.status_code == 400 and r.json()["code"] == 400 and r.json()["message"], r.text
-    assert predict(container["url"], png(real_signs[0][0])).status_code == 200  # and the workers are fine
+    assert predict(container["url"], png(signs[0][0])).status_code == 200  # and the workers are fine
 
 
 def test_healthcheck_and_ready_fail_when_the_model_has_no_workers(container):
@@ -234,7 +232,7 @@ def test_container_exits_when_torchserve_dies(container):
         time.sleep(0.5)
 
 
-def test_docker_stop_under_load_loses_no_request(tmp_path, real_signs):
+def test_docker_stop_under_load_loses_no_request(tmp_path, signs):
     """Clients keep sending while `docker stop` runs: every request the server accepted gets its answer.
 
     The clients talk to the container's address directly, as the VM's load balancer does through Docker's DNAT:
@@ -242,7 +240,7 @@ def test_docker_stop_under_load_loses_no_request(tmp_path, real_signs):
     Docker's userland proxy (a loopback-published port) would accept and then close it instead."""
     info = run_container(tmp_path / "logs")
     url = f"http://{info['ip']}:8080/predictions/gtsrb"
-    body = png(real_signs[0][0])
+    body = png(signs[0][0])
     outcomes, lock, stopping = [], threading.Lock(), threading.Event()
 
     def client():

@@ -16,13 +16,12 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import ROOT
+from tests.conftest import NAMES
 from tests.corpus import encode, png_header_only
 from tests.ts_server import serving, worker_pids
 from tools.grpc_client import Client
 
 pytestmark = pytest.mark.e2e
-NAMES = json.loads((ROOT / "handler" / "index_to_name.json").read_text())
 OCTETS = {"Content-Type": "application/octet-stream"}
 JSON = {"Content-Type": "application/json"}
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -197,9 +196,9 @@ def test_every_channel_at_once_with_good_traffic(server):
     assert worker_pids(server) == pids, "a worker died"
 
 
-def test_explanations(server, real_signs):
+def test_explanations(server, signs):
     """/explanations/gtsrb: per image, the top-1 class, its probability and a 32x32 saliency map in [0, 1]."""
-    for path, cls in real_signs[:3]:
+    for path, cls in signs[:3]:
         raw = path.read_bytes()
         r = requests.post(f"{server['inference']}/explanations/gtsrb", data=raw, headers=OCTETS, timeout=60)
         assert r.status_code == 200, r.text

@@ -1,9 +1,10 @@
 """Training-time augmentation: per-sample random geometry and photometry on a uint8 batch, on its device.
 
-Not kornia.augmentation (issue #14: switch if within ~20% of this speed). `python -m bench.augment_speed`,
-batch 256x3x32x32, this 2-core box busy with other jobs (2026-11-28): at 1 thread kornia 0.9.0 took 0.58x
-TrainAugment's median time (75 vs 129 ms a batch), at 2 threads, torch's default here and what training
-uses, 1.66x (728 vs 438 ms). Re-measure on an idle machine before deciding again.
+Not (yet) kornia.augmentation (issue #14: switch if within ~20% of this speed). `python -m bench.augment_speed`,
+batch 256x3x32x32, two runs on this 2-core box while other jobs ran (2026-11-28), kornia 0.9.0 / TrainAugment
+median time: 0.58 and 0.82 at 1 thread, 1.66 and 1.08 at 2 threads (torch's default here, what training
+uses). Not consistently within 20%, and kornia's erasing and blur are close to these, not the same, so a
+switch also needs a training run to confirm accuracy. Re-measure on an idle machine first.
 """
 
 import torch

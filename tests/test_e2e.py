@@ -8,9 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import pytest
 import requests
+import yaml
 from PIL import Image
 
-from tests.conftest import NAMES
+from tests.conftest import NAMES, ROOT
 from tests.corpus import SAME_PREDICTION, encode, hostile_bodies, odd_images
 from tests.ts_server import serving, worker_pids
 
@@ -121,27 +122,45 @@ def _metric(text: str, name: str, **labels) -> float:
     return total
 
 
+def _handler_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("GTSRB")]
+
+
 def test_prometheus_metrics_move_with_traffic(server, signs):
     def scrape():
         return requests.get(f"{server['metrics']}/metrics", timeout=10).text
 
+    def settled() -> str:
+        """The metrics once the earlier tests' traffic is all in: two scrapes a monitor interval apart agree."""
+        interval = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())["handler"]["monitor_interval_s"]
+        last, deadline = scrape(), time.monotonic() + 30
+        while time.monotonic() < deadline:
+            time.sleep(1.5 * interval)
+            now = scrape()
+            if _handler_lines(now) == _handler_lines(last):
+                return now
+            last = now
+        return last
+
     path, cls = signs[0]
-    before = scrape()
+    before = settled()
     for _ in range(3):
         assert predict(server["inference"], data=path.read_bytes()).status_code == 200
     assert predict(server["inference"], data=b"junk", headers={"Content-Type": "image/png"}).status_code == 400
 
-    # The worker reports its metrics to the frontend after it has answered: wait until the last one is in.
+    # Each worker's monitor thread reports its metrics once a second, after the answers: wait until all are in.
     def moved(name, **labels) -> float:
         return _metric(after, name, **labels) - _metric(before, name, **labels)
 
+    name = NAMES[str(cls)]
     after, deadline = scrape(), time.monotonic() + 30
-    while (moved("ts_inference_requests_total") < 4 or not moved("GTSRBRequests", Outcome="bad_input")) and (
-        time.monotonic() < deadline
-    ):
+    while (
+        moved("ts_inference_requests_total") < 4
+        or moved("GTSRBRequests", Outcome="bad_input") < 1
+        or moved("GTSRBPredictedClass", ClassName=name) < 3
+    ) and time.monotonic() < deadline:
         time.sleep(0.2)
         after = scrape()
-    name = NAMES[str(cls)]
     assert (
         _metric(after, "GTSRBPredictedClass", ClassName=name) - _metric(before, "GTSRBPredictedClass", ClassName=name)
         == 3

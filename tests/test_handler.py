@@ -179,6 +179,30 @@ def test_input_statistics_are_logged_never_images(handler, stop_sign, stop_answe
     assert row["model_version"] == MODEL_VERSION  # the archive's version, from TorchServe's manifest
 
 
+def test_answer_does_not_depend_on_the_batch_it_was_served_in(handler, stop_sign):
+    """Alone the model runs its plain graph, in a full batch its oneDNN form: the client cannot tell."""
+    png = {"body": encode(stop_sign, "PNG")}
+    assert len([png] * 8) >= CONFIG["handler"]["onednn_min_batch"] > 1
+    [(_, alone)] = run(handler, [png])
+    for status, body in run(handler, [png] * 8):
+        assert status == 200 and list(body) == list(alone)
+        assert list(body.values()) == pytest.approx(list(alone.values()), abs=1e-5)
+
+
+def test_monitoring_is_written_by_the_background_thread(handler, stop_sign):
+    """Without any flush from the request path, the input log row appears within the monitor interval."""
+    import time
+
+    log = handler.log_dir / "gtsrb_inputs.jsonl"
+    before = len(log.read_text().splitlines()) if log.exists() else 0
+    ctx = batch_context(1)
+    handler.handle([{"body": encode(stop_sign, "PNG")}], ctx)  # what the worker does: no flush
+    deadline = time.monotonic() + 10 * CONFIG["handler"]["monitor_interval_s"]
+    while (len(log.read_text().splitlines()) if log.exists() else 0) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(log.read_text().splitlines()) == before + 1
+
+
 # ---- size limits and formats: what a request may cost
 
 

@@ -121,7 +121,7 @@ def main(argv=None) -> None:
             rows.extend(drive(name, url + PREDICTIONS_PATH, args.levels, args.duration, args.warmup, wrk_files, find))
 
         print(f"[limit] in-process, {threads} torch thread(s), batch 1 and {batch}", flush=True)
-        limit = measure_limit(images, batch, threads, args.limit_seconds, int(cfg["handler"]["onednn_min_batch"]))
+        limit = measure_limit(images, batch, threads, args.limit_seconds)
         per_image = 1 / limit[f"b{batch}_t{threads}"] + 1 / limit["decode"]
         parallel = max(1, min(workers, psutil.cpu_count(logical=True) // threads))
         ceiling = parallel * limit[f"b{batch}_t{threads}"]

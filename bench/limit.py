@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from bench.servers import MODEL
-from handler.presets import EvalPreset
+from handler.presets import EvalPreset, to_network_layout
 
 
 def _rate(fn, items_per_call: int, seconds: float) -> float:
@@ -26,19 +26,17 @@ def _rate(fn, items_per_call: int, seconds: float) -> float:
             return n / dt
 
 
-def measure_limit(images: list[Path], batch: int, threads: int, seconds: float, onednn_min_batch: int = 0) -> dict:
+def measure_limit(images: list[Path], batch: int, threads: int, seconds: float) -> dict:
     """images/s of models/gtsrb.pt at batch 1 and ``batch``, at ``threads`` and 2 torch threads
-    ("b{batch}_t{threads}"), and of PIL decode + EvalPreset ("decode"), ``seconds`` each. Each batch size runs
-    the form of the model the handler runs for it (the oneDNN form from ``onednn_min_batch`` images on)."""
+    ("b{batch}_t{threads}"), and of PIL decode + EvalPreset ("decode"), ``seconds`` each, on batches in the
+    layout the handler feeds the model (``presets.to_network_layout``)."""
     from training.export import load
 
     model = load(MODEL)
-    onednn = torch.jit.optimize_for_inference(model) if onednn_min_batch else model
-    batched = onednn if onednn_min_batch and batch >= onednn_min_batch else model
     preset = EvalPreset(size=int(model.image_size))
     bodies = [p.read_bytes() for p in images]
     tensors = [preset(Image.open(p)) for p in images[:batch]]
-    x1, xb = tensors[0].unsqueeze(0), torch.stack((tensors * batch)[:batch])
+    x1, xb = to_network_layout(tensors[0].unsqueeze(0)), to_network_layout(torch.stack((tensors * batch)[:batch]))
     saved = torch.get_num_threads()
     out = {"threads": threads, "batch": batch, "seconds": seconds}
     it = iter(range(1 << 62))
@@ -51,7 +49,7 @@ def measure_limit(images: list[Path], batch: int, threads: int, seconds: float, 
             for t in sorted({threads, 2}):
                 torch.set_num_threads(t)
                 out[f"b1_t{t}"] = _rate(lambda: model(x1), 1, seconds)
-                out[f"b{batch}_t{t}"] = _rate(lambda: batched(xb), batch, seconds)
+                out[f"b{batch}_t{t}"] = _rate(lambda: model(xb), batch, seconds)
             torch.set_num_threads(threads)
             out["decode"] = _rate(decode, 1, seconds)
     finally:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from image_input import as_input_error, decode_image, request_bytes
-from presets import EvalPreset
+from presets import EvalPreset, to_network_layout
 from saliency import integrated_gradients, saliency_map
 from serving_metrics import Batch, HandlerMetrics, InputLog, Monitor
 from ts.torch_handler.base_handler import BaseHandler
@@ -38,11 +38,6 @@ class GTSRBHandler(BaseHandler):
         self.max_pixels = int(cfg["max_pixels"])
         self.explain_steps = int(cfg["explain_steps"])
         self.image_size = int(self.model.image_size)
-        # Full batches run a oneDNN form of the same frozen graph (torch.jit.optimize_for_inference): ~25%
-        # faster at batch 8, but with a fixed cost that makes it ~2x slower at batch 1 (BENCHMARKS.md,
-        # "Latency"), so small batches keep the plain graph. Logits agree to ~1e-5.
-        self.onednn_min_batch = int(cfg["onednn_min_batch"])
-        self.model_onednn = torch.jit.optimize_for_inference(self.model) if self.onednn_min_batch else None
         self.preset = EvalPreset(size=self.image_size)
         self.names = [self.mapping[str(i)] for i in range(len(self.mapping))]
         self.model_version = str((context.manifest or {}).get("model", {}).get("modelVersion", "unknown"))
@@ -83,10 +78,9 @@ class GTSRBHandler(BaseHandler):
         data["top"], data["saliency"], data["inference_ms"] = None, {}, 0.0
         if data["images"] is not None:
             t0 = time.perf_counter()
-            x = data["images"].to(self.device)
-            full = self.model_onednn is not None and len(x) >= self.onednn_min_batch
+            x = to_network_layout(data["images"].to(self.device))
             with torch.inference_mode():
-                data["top"] = (self.model_onednn if full else self.model)(x).softmax(1).topk(self.topk, 1)
+                data["top"] = self.model(x).softmax(1).topk(self.topk, 1)
             wanted = [k for k, e in enumerate(data["explain"]) if e]
             if wanted:
                 targets = data["top"].indices[wanted, 0].tolist()

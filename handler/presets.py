@@ -38,6 +38,13 @@ class EvalPreset:
         return torch.from_numpy(np.array(img)).permute(2, 0, 1)
 
 
+def to_network_layout(x: torch.Tensor) -> torch.Tensor:
+    """A batch [N, 3, S, S] in the memory layout the network runs in, in training and serving: channels-last
+    (NHWC). On CPU the frozen graph's convolutions run 17% faster at batch 1 and ~30% at batch 8 than on the
+    default NCHW layout, faster than its oneDNN form too (BENCHMARKS.md, "Latency"); logits agree to ~1e-6."""
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 # Light per-image statistics for input-drift monitoring (tools/drift_report.py): computed on the
 # EvalPreset tensor, the same way for the training reference and for served requests. Never the image.
 STAT_NAMES = ("brightness", "contrast", "red", "green", "blue", "saturation", "sharpness")

@@ -180,9 +180,8 @@ def test_input_statistics_are_logged_never_images(handler, stop_sign, stop_answe
 
 
 def test_answer_does_not_depend_on_the_batch_it_was_served_in(handler, stop_sign):
-    """Alone the model runs its plain graph, in a full batch its oneDNN form: the client cannot tell."""
+    """Alone or in a full batch (other convolution kernels, channels-last layout): the client cannot tell."""
     png = {"body": encode(stop_sign, "PNG")}
-    assert len([png] * 8) >= CONFIG["handler"]["onednn_min_batch"] > 1
     [(_, alone)] = run(handler, [png])
     for status, body in run(handler, [png] * 8):
         assert status == 200 and list(body) == list(alone)

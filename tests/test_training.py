@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from handler.presets import EvalPreset
+from handler.presets import EvalPreset, to_network_layout
 from training import data as gdata
 from training import export, train
 from training.model import create_model
@@ -72,6 +72,8 @@ def test_torchscript_matches_eager(resolution):
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), model(x), rtol=1e-4, atol=1e-4)
+        # The handler feeds the exported model channels-last batches: same logits as the default layout.
+        torch.testing.assert_close(scripted(to_network_layout(x)), scripted(x), rtol=1e-4, atol=1e-4)
     assert (scripted.image_size, scripted.resolution) == (32, resolution)
 
 

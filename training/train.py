@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from handler.presets import IMAGE_SIZE
+from handler.presets import IMAGE_SIZE, to_network_layout
 from training import data as gdata
 from training import export, metrics, tracking
 from training.augment import TrainAugment
@@ -179,7 +179,7 @@ def train_one_epoch(model, ema, loader, augment, optimizer, scheduler, epoch, ar
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device.startswith("cuda"))
     bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, dynamic_ncols=True)
     for step, (x, y) in enumerate(bar):
-        x = augment(x.to(args.device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+        x = to_network_layout(augment(x.to(args.device, non_blocking=True)))
         y = y.to(args.device, non_blocking=True)
         with amp:
             teacher_logits = committee_logits(teachers, x)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 import time
 import warnings
 from collections import Counter
@@ -47,6 +48,10 @@ class GTSRBHandler(BaseHandler):
             input_log = InputLog(path, int(cfg["input_log_mb"] * 2**20), backups=3, model_version=self.model_version)
         metrics = HandlerMetrics(context.metrics, context.model_name, float(cfg["low_confidence"]))
         self.monitor = Monitor(metrics, input_log, float(cfg["monitor_interval_s"]))
+        # While the monitor thread runs Python, the request thread waits for the GIL each time it takes it back
+        # (after every decode, forward, socket read): up to the switch interval, 5 ms by default, several times
+        # per batch during a flush. A shorter interval bounds each wait (BENCHMARKS.md, "Latency": c=32 p99).
+        sys.setswitchinterval(float(cfg["gil_switch_interval_ms"]) / 1e3)
 
     def _load_torchscript_model(self, model_pt_path):
         with warnings.catch_warnings():  # torch 2.14 flags TorchScript as deprecated on every load

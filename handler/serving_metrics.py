@@ -106,7 +106,7 @@ class InputLog:
                     "model_version": self.model_version,
                 },
                 separators=(",", ":"),
-            )  # fmt: skip
+            )
             for t, (w, h), st, c, p in zip(times, sizes, stats, classes, probs)
         ]
         if rows:

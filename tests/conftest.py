@@ -94,3 +94,13 @@ def stop_sign(signs):
 def stop_answer(signs) -> str:
     """The class name the served model must answer for stop_sign: "Stop" on real data."""
     return NAMES[str(signs[SIGN_CLASSES.index(14)][1])]
+
+
+def fake_command(tmp_path: Path, name: str, script: str) -> tuple[str, Path]:
+    """An executable ``name`` running the shell ``script``, in a folder put first on a PATH so that it shadows
+    any real one: (that PATH, the log file the script may write to as $FAKE_LOG)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / name).write_text(script)
+    (bin_dir / name).chmod(0o755)
+    return f"{bin_dir}{os.pathsep}{os.environ['PATH']}", tmp_path / f"{name}.log"

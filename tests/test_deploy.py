@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from deploy import commands, gce
+from tests.conftest import fake_command
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT, ZONE, TAG, DOMAIN = "demo-proj-123", "europe-west1-b", "abc1234", "signs.example.com"
@@ -460,14 +461,9 @@ exit 0
 
 @pytest.fixture
 def fake_gcloud(tmp_path):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "gcloud").write_text(FAKE_GCLOUD)
-    (bin_dir / "gcloud").chmod(0o755)
-    log = tmp_path / "gcloud.log"
+    path, log = fake_command(tmp_path, "gcloud", FAKE_GCLOUD)
 
     def run(*args: str, **env: str) -> tuple[subprocess.CompletedProcess, list[str]]:
-        path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"  # the fake shadows any real gcloud
         r = cli(*args, "--project", PROJECT, "--zone", ZONE, "--tag", TAG, path=path, FAKE_LOG=str(log), **env)
         return r, log.read_text().splitlines() if log.exists() else []
 

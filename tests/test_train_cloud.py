@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from deploy import train_cloud
-from tests.conftest import ROOT
+from tests.conftest import ROOT, fake_command
 from tests.ts_server import serving
 from training.data import make_synthetic
 
@@ -231,14 +231,10 @@ exit 0
 
 @pytest.fixture
 def fake_gcloud(tmp_path):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "gcloud").write_text(FAKE_GCLOUD)
-    (bin_dir / "gcloud").chmod(0o755)
-    log = tmp_path / "gcloud.log"
+    path, log = fake_command(tmp_path, "gcloud", FAKE_GCLOUD)
 
     def run(*args: str, **env: str) -> tuple[subprocess.CompletedProcess, list[str]]:
-        r = cli(*args, path=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_LOG=str(log), **env)
+        r = cli(*args, path=path, FAKE_LOG=str(log), **env)
         return r, log.read_text().splitlines() if log.exists() else []
 
     run.log = log

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -38,15 +39,51 @@ from bench.servers import PREDICTIONS_PATH, ROOT
 from bench.wrk import ensure_wrk, http_4xx_5xx, run_wrk, socket_errors, write_inputs
 from tools import archive, torchserve_ctl
 
+# TorchServe's own counters (metrics_mode=prometheus): requests answered, and the microseconds they spent in
+# the frontend, of which waiting in the model's queue (the batch window included).
+TS_COUNTERS = ("ts_inference_requests_total", "ts_inference_latency_microseconds", "ts_queue_latency_microseconds")
 
-def drive(name: str, url: str, levels: list[int], seconds: int, warmup: int, wrk_files, find) -> list[dict]:
-    """wrk at each concurrency in ``levels`` against ``url``, RSS of ``find()``'s processes sampled meanwhile."""
+
+def torchserve_counters(metrics_url: str | None) -> dict | None:
+    """``TS_COUNTERS`` summed over models, or None where the server exports no such counters."""
+    if not metrics_url:
+        return None
+    try:
+        with urllib.request.urlopen(f"{metrics_url}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    sums = {}
+    for line in text.splitlines():
+        name = line.partition("{")[0]
+        if name in TS_COUNTERS:
+            sums[name] = sums.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return sums if len(sums) == len(TS_COUNTERS) else None
+
+
+def frontend_time(before: dict | None, after: dict | None) -> tuple[float, float] | None:
+    """(ms in the frontend, ms of it queued) per request answered between two ``torchserve_counters``."""
+    if before is None or after is None:
+        return None
+    done = after[TS_COUNTERS[0]] - before[TS_COUNTERS[0]]
+    if done <= 0:
+        return None
+    return tuple((after[k] - before[k]) / done / 1e3 for k in TS_COUNTERS[1:])
+
+
+def drive(
+    name: str, url: str, levels: list[int], seconds: int, warmup: int, wrk_files, find, metrics_url: str | None = None
+) -> list[dict]:
+    """wrk at each concurrency in ``levels`` against ``url``, RSS of ``find()``'s processes sampled meanwhile,
+    and for a TorchServe with ``metrics_url`` its own account of where each request's time went."""
     print(f"[{name}] warm-up {warmup}s at concurrency {min(8, max(levels))}", flush=True)
     run_wrk(url, min(8, max(levels)), warmup, *wrk_files)
     rows = []
     for c in levels:
+        before = torchserve_counters(metrics_url)
         with RssSampler(find) as rss:
             r = run_wrk(url, c, seconds, *wrk_files)
+        frontend = frontend_time(before, torchserve_counters(metrics_url))
         row = {
             "server": name,
             "concurrency": c,
@@ -59,11 +96,14 @@ def drive(name: str, url: str, levels: list[int], seconds: int, warmup: int, wrk
             "http_4xx_5xx": http_4xx_5xx(r),
             "rss_mib": rss.peak,
             "frontend_mib": rss.frontend_peak,
+            "frontend_ms": frontend[0] if frontend else None,
+            "queued_ms": frontend[1] if frontend else None,
         }
         rows.append(row)
         print(
             f"[{name}] c={c:<3} {row['rps']:8.1f} req/s  p50 {row['p50_ms']:.1f} ms  p99 {row['p99_ms']:.1f} ms"
-            f"  socket errors {row['socket_errors']}  HTTP 4xx/5xx {row['http_4xx_5xx']}  RSS {row['rss_mib']:.0f} MiB",
+            f"  socket errors {row['socket_errors']}  HTTP 4xx/5xx {row['http_4xx_5xx']}  RSS {row['rss_mib']:.0f} MiB"
+            + (f"  frontend {frontend[0]:.2f} ms/request, queued {frontend[1]:.2f}" if frontend else ""),
             flush=True,
         )
     return rows
@@ -117,8 +157,12 @@ def main(argv=None) -> None:
         images = make_images(args.data_root, work / "images", args.images)
         wrk_files = write_inputs(work, images)
 
-        def run(name: str, url: str, find) -> None:
-            rows.extend(drive(name, url + PREDICTIONS_PATH, args.levels, args.duration, args.warmup, wrk_files, find))
+        def run(name: str, url: str, find, metrics_url: str | None = None) -> None:
+            rows.extend(
+                drive(
+                    name, url + PREDICTIONS_PATH, args.levels, args.duration, args.warmup, wrk_files, find, metrics_url
+                )
+            )
 
         print(f"[limit] in-process, {threads} torch thread(s), batch 1 and {batch}", flush=True)
         limit = measure_limit(images, batch, threads, args.limit_seconds)
@@ -132,7 +176,7 @@ def main(argv=None) -> None:
         archive.build(model=servers.MODEL, export_path=store)
         with torchserve_ctl.serving(work / "ours", store, servers.CONFIG) as ts:
             notes.append(f"ours: {ts.workers} workers READY")
-            run("ours", ts.urls["inference"], lambda: torchserve_processes(ts.proc.pid))
+            run("ours", ts.urls["inference"], lambda: torchserve_processes(ts.proc.pid), ts.urls["metrics"])
 
         if args.container:
             print(f"[container] starting {args.container}", flush=True)
@@ -156,7 +200,7 @@ def main(argv=None) -> None:
             try:
                 with servers.stock(work / "stock") as ts:
                     notes.append(f"stock: {ts.workers} workers READY (TorchServe's default for this machine)")
-                    run("stock", ts.urls["inference"], lambda: torchserve_processes(ts.proc.pid))
+                    run("stock", ts.urls["inference"], lambda: torchserve_processes(ts.proc.pid), ts.urls["metrics"])
             except RuntimeError as e:
                 print(f"stock TorchServe failed: {e}", file=sys.stderr, flush=True)
                 notes.append(f"stock TorchServe: failed ({str(e).splitlines()[0]})")

@@ -51,16 +51,18 @@ def machine_info() -> dict:
 def table(rows: list[dict]) -> str:
     head = (
         "| server | concurrency | req/s | p50 ms | p90 ms | p99 ms | socket errors | HTTP 4xx/5xx | requests "
-        "| worker RSS MiB (peak, sum) | frontend RSS MiB |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| worker RSS MiB (peak, sum) | frontend RSS MiB | TorchServe ms/request (queued) |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     body = ""
     for r in rows:
         frontend = f"{r['frontend_mib']:.0f}" if r["frontend_mib"] else "-"
         p50, p90, p99 = (f"{r[k]:.1f}" if r["requests"] else "-" for k in ("p50_ms", "p90_ms", "p99_ms"))
+        ts_ms = f"{r['frontend_ms']:.2f} ({r['queued_ms']:.2f})" if r.get("frontend_ms") is not None else "-"
         body += (
             f"| {r['server']} | {r['concurrency']} | {r['rps']:.1f} | {p50} | {p90} | {p99} "
-            f"| {r['socket_errors']} | {r['http_4xx_5xx']} | {r['requests']} | {r['rss_mib']:.0f} | {frontend} |\n"
+            f"| {r['socket_errors']} | {r['http_4xx_5xx']} | {r['requests']} | {r['rss_mib']:.0f} | {frontend} "
+            f"| {ts_ms} |\n"
         )
     return head + body
 
@@ -150,7 +152,10 @@ The load generator runs on the same machine and shares its cores with the server
 histogram. *socket errors* = requests with no answer (connect, read and write errors and timeouts of 30 s);
 *HTTP 4xx/5xx* = answers with HTTP status >= 400.
 Worker RSS: peak of the summed RSS of the TorchServe `model_service_worker` processes (the uvicorn process
-for FastAPI) sampled every 0.25 s; frontend: the TorchServe Java process.
+for FastAPI) sampled every 0.25 s; frontend: the TorchServe Java process. *TorchServe ms/request (queued)*:
+the server's own account over the level (`ts_inference_latency_microseconds` and `ts_queue_latency_microseconds`
+per request answered), the time from the frontend receiving a request to answering it, and in brackets the part
+spent in the model's queue, batch window included; "-" where the server exports no such counters.
 
 {table(rows)}
 {ratio_md}

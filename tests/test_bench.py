@@ -38,6 +38,16 @@ def test_quick_bench_writes_a_report(tmp_path, gtsrb_root):
     for server, conc, rps, socket_errors, http_4xx_5xx in rows:
         assert float(rps) > 0, (server, conc)
         assert socket_errors == "0" and http_4xx_5xx == "0", (server, conc, socket_errors, http_4xx_5xx)
+    # TorchServe's own account of a request's time: ours has it at every level, with the queued part inside it;
+    # the FastAPI peer exports no such counters.
+    accounts = dict(
+        ((s, c), a) for s, c, a in re.findall(r"^\| (ours|fastapi) \| (\d+) \|.*\| ([^|]+) \|$", text, re.M)
+    )
+    for c in ("1", "4"):
+        frontend, queued = map(float, re.fullmatch(r"([\d.]+) \(([\d.]+)\)", accounts["ours", c]).groups())
+        assert 0 < queued < frontend, (c, accounts["ours", c])
+        if fastapi:
+            assert accounts["fastapi", c] == "-", accounts["fastapi", c]
     assert "## In-process limit" in text and "config.properties" in text
 
 

@@ -134,18 +134,38 @@ def load_data(args) -> dict:
     return d
 
 
-def make_loader(d: dict, idx: torch.Tensor, args) -> torch.utils.data.DataLoader:
+class BatchSampler:
+    """Shuffled batches of the preloaded uint8 frames, indexed in one step.
+
+    A DataLoader over a TensorDataset collates 256 single-image tensors per batch; slicing the one tensor
+    with a permutation costs a fraction of that (training/README.md, "Where an epoch goes").
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, args) -> None:
+        self.images, self.labels, self.batch_size = images, labels, args.batch_size
+        self.g = torch.Generator().manual_seed(args.seed)
+        self.weights = None
+        if args.balance > 0:
+            counts = torch.bincount(labels, minlength=gdata.NUM_CLASSES).float()
+            self.weights = counts[labels] ** -args.balance
+
+    def __len__(self) -> int:
+        return len(self.labels) // self.batch_size  # drop_last
+
+    def __iter__(self):
+        n = len(self.labels)
+        if self.weights is None:
+            order = torch.randperm(n, generator=self.g)
+        else:
+            order = torch.multinomial(self.weights, n, replacement=True, generator=self.g)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            yield self.images[idx], self.labels[idx]
+
+
+def make_loader(d: dict, idx: torch.Tensor, args) -> BatchSampler:
     """Batches of decoded uint8 images; augmentation happens per batch on the device (TrainAugment)."""
-    ds = torch.utils.data.TensorDataset(d["images"][idx], d["labels"][idx])
-    g = torch.Generator().manual_seed(args.seed)
-    sampler = None
-    if args.balance > 0:
-        counts = torch.bincount(ds.tensors[1], minlength=gdata.NUM_CLASSES).float()
-        weights = counts[ds.tensors[1]] ** -args.balance
-        sampler = torch.utils.data.WeightedRandomSampler(weights, len(ds), generator=g)
-    return torch.utils.data.DataLoader(
-        ds, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler, generator=g, drop_last=True
-    )
+    return BatchSampler(d["images"][idx], d["labels"][idx], args)
 
 
 # ---------------------------------------------------------------------------- loop
@@ -320,6 +340,10 @@ def main(args) -> dict:
             s = metrics.summarize(metrics.predict(eval_model, val_x, args.device), val_y)
             row |= {"val_loss": s["loss"], "val_top1": s["top1"], "val_macro_f1": s["macro_f1"]}
             msg = f" | val loss {s['loss']:.4f} top-1 {s['top1']:.2%} macro-F1 {s['macro_f1']:.4f}"
+            if ema is not None and (epoch % 5 == 0 or epoch == args.epochs):  # one run measures EMA vs raw
+                raw = metrics.summarize(metrics.predict(model, val_x, args.device), val_y)
+                row |= {"val_top1_raw": raw["top1"], "val_loss_raw": raw["loss"]}
+                msg += f" (raw weights: top-1 {raw['top1']:.2%})"
         history.append(row)
         tracking.log_epoch(row)
         log.info(f"epoch {epoch:3d} | train loss {row['train_loss']:.4f} top-1 {row['train_top1']:.2%} | "

@@ -68,6 +68,43 @@ def register(name: str, run_id: str, tags: dict) -> str:
     return mv.version
 
 
+CHAMPION = "champion"  # the registry alias of the shipped model: what make deploy serves
+
+
+def _flat(prefix: str, d: dict) -> dict:
+    return {f"{prefix}{k}": v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def promote_version(name: str, run_id: str, model_path: Path, lineage: dict) -> str:
+    """The promotion in the registry: the version ``lineage`` names (or a new one, with the calibrated TorchScript
+    file logged to its run) gets the held-out numbers and the gate's decision as tags, and the ``champion``
+    alias moves to it. Returns the version."""
+    mlflow.set_tracking_uri(tracking_uri())
+    client = MlflowClient(tracking_uri())
+    ev = lineage.get("evaluation", {})
+    numbers = {
+        **_flat("public_test_", ev.get("public_test") or {}),
+        **_flat("held_out_", ev.get("held_out_tracks") or {}),
+    }
+    numbers["temperature"] = ev.get("temperature", 1.0)
+    version = lineage.get("registered_version") if lineage.get("registered_model") == name else None
+    if version is None:
+        try:
+            client.get_run(run_id)
+        except mlflow.exceptions.MlflowException:  # trained against another store: a run of its own for the file
+            start_run(EXPERIMENT, "promoted", {}, {"trained_as": run_id})
+            run_id = mlflow.active_run().info.run_id
+            end_run()
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_artifact(str(model_path), artifact_path="model")
+        tags = {k: v for k, v in lineage.items() if isinstance(v, (str, int, float)) and k != "registered_model"}
+        version = register(name, run_id, tags)
+    for k, v in {**numbers, "promotion": json.dumps(lineage.get("promotion", {}))}.items():
+        client.set_model_version_tag(name, str(version), k, str(v))
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    return str(version)
+
+
 def lineage(name: str) -> list[dict]:
     client = MlflowClient(tracking_uri())
     rows = []

@@ -55,6 +55,19 @@ def decide(candidate: dict, champion: float | None, shipped_exists: bool) -> tup
     return False, f"candidate {mine:.4%} does not beat shipped {champion:.4%} on the public test half"
 
 
+def teacher_digests(run_dir: Path) -> list[str]:
+    """The weights digests of the teachers the run learnt from (export.weights_digest), from its config."""
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        return []
+    import yaml
+
+    from training import export
+
+    cfg = yaml.safe_load(config.read_text())
+    return cfg["_run"].get("teacher_weights_sha256") or [export.weights_digest(t) for t in cfg.get("teacher") or []]
+
+
 def promote(run_dir: Path, dest: Path = SHIPPED, override: str | None = None, register: str = "") -> dict:
     """Gate the run's model against ``dest``; on promotion copy model, reference and lineage there. Returns the
     lineage written; raises Refused (nothing written) when the gate says no and there is no override."""
@@ -67,6 +80,7 @@ def promote(run_dir: Path, dest: Path = SHIPPED, override: str | None = None, re
         raise Refused(why)
     lineage = json.loads((run_dir / "lineage.json").read_text())
     lineage["evaluation"] = evaluation
+    lineage.setdefault("teacher_weights_sha256", teacher_digests(run_dir))
     lineage["promotion"] = {
         "decision": "promoted" if ok else "override", "gate": why, "override": override or None,
         "replaced_public_top1": champion,

@@ -322,6 +322,7 @@ def main(args) -> dict:
         "arch": args.arch, "num_classes": gdata.NUM_CLASSES, "image_size": IMAGE_SIZE, "data_source": d["source"],
         "data_fingerprint": d["fingerprint"], "git_commit": git_commit(), "torch": str(torch.__version__),
         "teacher_sha256": [hashlib.sha256(Path(t).read_bytes()).hexdigest() for t in args.teacher],
+        "teacher_weights_sha256": [export.weights_digest(t) for t in args.teacher],
     }  # fmt: skip
     config = {k: v for k, v in vars(args).items() if k not in ("config", "resume")}
     (out / "config.yaml").write_text(yaml.safe_dump({**config, "_run": run_info}, sort_keys=False))

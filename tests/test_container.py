@@ -62,12 +62,16 @@ def run_container(logs) -> dict:
     env = {**os.environ, "IMAGE": IMAGE, "DOCKER": DOCKER, "NAME": name, "LOGS": str(logs),
            "HTTP_PUBLISH": "127.0.0.1:", "METRICS_PUBLISH": "127.0.0.1:"}  # fmt: skip
     subprocess.run(["bash", str(ROOT / "docker" / "run.sh"), "-d"], env=env, check=True, capture_output=True)
-    port = {p: docker("port", name, f"{p}/tcp").splitlines()[0].rsplit(":", 1)[1] for p in (8080, 8082)}
-    deadline = time.monotonic() + 180
-    while (status := health(name)) != "healthy":
-        assert status in ("starting", "healthy"), f"container is {status}: {docker('logs', name, check=False)}"
-        assert time.monotonic() < deadline, f"not healthy after 180 s: {docker('logs', '--tail', '40', name)}"
-        time.sleep(1)
+    try:
+        port = {p: docker("port", name, f"{p}/tcp").splitlines()[0].rsplit(":", 1)[1] for p in (8080, 8082)}
+        deadline = time.monotonic() + 180
+        while (status := health(name)) != "healthy":
+            assert status in ("starting", "healthy"), f"container is {status}: {docker('logs', name, check=False)}"
+            assert time.monotonic() < deadline, f"not healthy after 180 s: {docker('logs', '--tail', '40', name)}"
+            time.sleep(1)
+    except BaseException:
+        docker("rm", "-f", name, check=False)  # a container that never got healthy is not left behind
+        raise
     ip = docker("inspect", "-f", "{{.NetworkSettings.IPAddress}}", name)
     return {"name": name, "url": f"http://127.0.0.1:{port[8080]}", "metrics": f"http://127.0.0.1:{port[8082]}",
             "ip": ip, "logs": logs}  # fmt: skip

@@ -17,6 +17,13 @@ CLOUDBUILD = "deploy/cloudbuild.yaml"  # relative: gcloud runs from the repo roo
 # Where Google's health checkers and the global external Application Load Balancer's proxies connect from.
 GOOGLE_LB_RANGES = ("130.211.0.0/22", "35.191.0.0/16")
 IAP_TCP_RANGE = "35.235.240.0/20"  # IAP TCP forwarding: `gcloud compute ssh/scp --tunnel-through-iap`
+SUBNET_RANGE = "10.80.0.0/24"  # the dedicated network's one subnet (the zone's region)
+# Firewall priorities: the rules that admit traffic, then a deny of everything else for the VMs' tag, above the
+# rules a default network brings (allow-internal, allow-ssh from anywhere: 65534).
+ALLOW_PRIORITY, DENY_PRIORITY = 900, 1000
+# Login to the VMs is by IAM identity (OS Login) only; SSH keys in the project's metadata are ignored.
+VM_METADATA = "enable-oslogin=TRUE,block-project-ssh-keys=TRUE"
+UNRESOLVED_DIGEST = "sha256:UNRESOLVED"  # in a dry run's cloud-init; a real run writes the pushed image's digest
 # Google's build of the OpenTelemetry Collector: scrapes the metrics on the VM into Managed Prometheus.
 COLLECTOR_IMAGE = (
     "us-docker.pkg.dev/cloud-ops-agents-artifacts/google-cloud-opentelemetry-collector/otelcol-google:0.160.0"
@@ -37,7 +44,9 @@ class Config:
     tag: str = "latest"
     machine_type: str = "e2-standard-2"
     memory: str = "4g"  # the container's limit; e2-standard-2 has 8 GB (docker/README.md, "Memory")
-    network: str = "default"
+    cpus: str = "1.8"  # the container's CPU limit: e2-standard-2's 2 vCPUs less room for Docker and the collector
+    network: str = ""  # an existing VPC network; empty: a dedicated one, {name}-net
+    digest: str = ""  # the image's digest (sha256:...): the VMs run the image by it
     torch_index_url: str = CPU_INDEX
     base_image: str = ""  # the Dockerfile's base for Cloud Build, ideally pinned by digest (default: its tag)
     build: bool = True
@@ -75,6 +84,15 @@ class Config:
         return f"{self.registry_host}/{self.project}/{self.repo}/gtsrb-serve:{self.tag}"
 
     @property
+    def image_by_digest(self) -> str:
+        """What the VMs run: the image by its digest, which (unlike a tag) cannot be moved to another image."""
+        return f"{self.image.rsplit(':', 1)[0]}@{self.digest or UNRESOLVED_DIGEST}"
+
+    @property
+    def vpc(self) -> str:
+        return self.network or self.res("net")
+
+    @property
     def service_account(self) -> str:
         return f"{self.name}-vm@{self.project}.iam.gserviceaccount.com"
 
@@ -89,11 +107,12 @@ class Step(list):
     note:     printed as a comment before the command, in dry runs and real runs.
     probe:    a `describe`: if it succeeds the resource exists and the runner skips the next step (its create).
     may_fail: teardown deletes; a resource that was never created must not stop the others being deleted.
+    capture:  the runner hands the command's output to the caller (the image's digest).
     """
 
-    def __init__(self, argv: list[str], note: str = "", *, probe: bool = False, may_fail: bool = False):
+    def __init__(self, argv: list[str], note: str = "", *, probe=False, may_fail=False, capture=False):
         super().__init__(argv)
-        self.note, self.probe, self.may_fail = note, probe, may_fail
+        self.note, self.probe, self.may_fail, self.capture = note, probe, may_fail, capture
 
 
 def gcloud(cfg: Config, *args: str) -> list[str]:
@@ -136,7 +155,34 @@ def build_commands(cfg: Config) -> list[Step]:
             gcloud(cfg, "builds", "submit", f"--config={CLOUDBUILD}", f"--substitutions={subs}", "."),
             "build the image from the repo root (.gcloudignore decides what is uploaded) and push it",
         ))  # fmt: skip
+    steps.append(Step(digest_command(cfg), "the image's digest: the VMs' cloud-init names the image by it, not by "
+                      "its tag (a real run writes it there)", capture=True))  # fmt: skip
     return steps
+
+
+def digest_command(cfg: Config) -> list[str]:
+    return gcloud(cfg, "artifacts", "docker", "images", "describe", cfg.image, "--format=value(image_summary.digest)")
+
+
+def network_commands(cfg: Config) -> list[Step]:
+    """A network of the VMs' own (unless --network names one): no default rules that admit anything."""
+    if cfg.network:
+        return []
+    return [
+        *ensure(
+            cfg,
+            ["compute", "networks", "describe", cfg.vpc],
+            ["compute", "networks", "create", cfg.vpc, "--subnet-mode=custom"],
+            f"a dedicated VPC network {cfg.vpc}: none of the default network's allow-internal/allow-ssh rules",
+        ),
+        *ensure(
+            cfg,
+            ["compute", "networks", "subnets", "describe", cfg.res("subnet"), f"--region={cfg.region}"],
+            ["compute", "networks", "subnets", "create", cfg.res("subnet"), f"--network={cfg.vpc}",
+             f"--region={cfg.region}", f"--range={SUBNET_RANGE}", "--enable-private-ip-google-access"],
+            "",
+        ),
+    ]  # fmt: skip
 
 
 def service_account_commands(cfg: Config) -> list[Step]:
@@ -166,7 +212,8 @@ def vm_flags(cfg: Config, user_data: str) -> list[str]:
     """What the instance template and the demo VM share: COS, the cloud-init, the tag, the identity."""
     return [
         f"--machine-type={cfg.machine_type}",
-        f"--network={cfg.network}",
+        f"--network={cfg.vpc}",
+        *([] if cfg.network else [f"--subnet={cfg.res('subnet')}"]),
         # Container-Optimized OS runs the containers from cloud-init + systemd; the old create-with-container
         # agent (konlet) is deprecated.
         "--image-family=cos-stable",
@@ -176,21 +223,35 @@ def vm_flags(cfg: Config, user_data: str) -> list[str]:
         f"--service-account={cfg.service_account}",
         f"--scopes={VM_SCOPES}",
         f"--metadata-from-file=user-data={user_data}",
+        f"--metadata={VM_METADATA}",
         "--shielded-secure-boot",
         "--shielded-vtpm",
         "--shielded-integrity-monitoring",
     ]
 
 
-def firewall(cfg: Config, rule: str, ports: str, ranges: str, description: str, note: str) -> list[Step]:
+def firewall(cfg: Config, rule: str, ports: str, ranges: str, description: str, note: str, *,
+             action: str = "ALLOW", priority: int = ALLOW_PRIORITY) -> list[Step]:  # fmt: skip
     return ensure(
         cfg,
         ["compute", "firewall-rules", "describe", rule],
-        ["compute", "firewall-rules", "create", rule, f"--network={cfg.network}", "--direction=INGRESS",
-         "--action=ALLOW", f"--rules={ports}", f"--target-tags={cfg.name}", f"--source-ranges={ranges}",
-         f"--description={description}"],
+        ["compute", "firewall-rules", "create", rule, f"--network={cfg.vpc}", "--direction=INGRESS",
+         f"--action={action}", f"--rules={ports}", f"--target-tags={cfg.name}", f"--source-ranges={ranges}",
+         f"--priority={priority}", f"--description={description}"],
         note,
     )  # fmt: skip
+
+
+def ssh_and_deny_rules(cfg: Config) -> list[Step]:
+    """SSH through IAP only, then a deny of all else for the VMs: what the rules above do not admit stays out,
+    whatever else the network allows (a default network's allow-internal and allow-ssh)."""
+    return [
+        *firewall(cfg, cfg.res("allow-iap-ssh"), "tcp:22", IAP_TCP_RANGE, "SSH through IAP TCP forwarding",
+                  "firewall: SSH only through IAP (gcloud compute ssh/scp --tunnel-through-iap), e.g. for the drift log"),
+        *firewall(cfg, cfg.res("deny-all"), "all", "0.0.0.0/0", "everything the rules above do not admit",
+                  f"firewall: deny all other ingress to the VMs, at priority {DENY_PRIORITY}, above any rule of the "
+                  "network that would admit more", action="DENY", priority=DENY_PRIORITY),
+    ]  # fmt: skip
 
 
 # -------------------------------------------------------------------------------------------- deploy
@@ -206,11 +267,12 @@ def secure_commands(cfg: Config, user_data: str) -> list[Step]:
     return [
         *build_commands(cfg),
         *service_account_commands(cfg),
-        # ---- network: no public addresses; outbound through Cloud NAT (image pulls, Google APIs)
+        # ---- network: its own, no public addresses; outbound through Cloud NAT (image pulls, Google APIs)
+        *network_commands(cfg),
         *ensure(
             cfg,
             ["compute", "routers", "describe", cfg.res("router"), f"--region={cfg.region}"],
-            ["compute", "routers", "create", cfg.res("router"), f"--network={cfg.network}", f"--region={cfg.region}"],
+            ["compute", "routers", "create", cfg.res("router"), f"--network={cfg.vpc}", f"--region={cfg.region}"],
             "Cloud Router + Cloud NAT: outbound access for VMs that have no public address",
         ),
         *ensure(
@@ -224,8 +286,7 @@ def secure_commands(cfg: Config, user_data: str) -> list[Step]:
         *firewall(cfg, cfg.res("allow-lb"), f"tcp:{PORT}", lb_ranges,
                   "Google load balancer proxies and health checkers to gtsrb-serve",
                   f"firewall: tcp:{PORT} from Google's load-balancer and health-check ranges only"),
-        *firewall(cfg, cfg.res("allow-iap-ssh"), "tcp:22", IAP_TCP_RANGE, "SSH through IAP TCP forwarding",
-                  "firewall: SSH only through IAP (gcloud compute ssh/scp --tunnel-through-iap), e.g. for the drift log"),
+        *ssh_and_deny_rules(cfg),
         # ---- the VMs
         *ensure(
             cfg,
@@ -233,8 +294,17 @@ def secure_commands(cfg: Config, user_data: str) -> list[Step]:
             ["compute", "health-checks", "create", "http", cfg.res("hc"), "--global", f"--port={PORT}",
              f"--request-path={READY_PATH}", "--check-interval=10s", "--timeout=5s", "--healthy-threshold=2",
              "--unhealthy-threshold=3"],
-            f"health check: GET {READY_PATH} on {PORT}, 200 only while the model is READY (not /ping, which stays "
-            "Healthy when the workers are gone)",
+            f"health check for routing: GET {READY_PATH} on {PORT}, 200 while a worker of the model is READY (not "
+            "/ping, which stays Healthy when the workers are gone)",
+        ),
+        *ensure(
+            cfg,
+            ["compute", "health-checks", "describe", cfg.res("hc-autoheal"), "--global"],
+            ["compute", "health-checks", "create", "http", cfg.res("hc-autoheal"), "--global", f"--port={PORT}",
+             f"--request-path={READY_PATH}", "--check-interval=30s", "--timeout=10s", "--healthy-threshold=1",
+             "--unhealthy-threshold=10"],
+            "health check for autohealing, more lenient: a VM is recreated after 5 minutes without a READY worker, "
+            "not after a worker restart (seconds) or a container restart (a minute)",
         ),
         Step(
             gcloud(cfg, "compute", "instance-templates", "create", cfg.res("template"), *vm_flags(cfg, user_data),
@@ -244,9 +314,9 @@ def secure_commands(cfg: Config, user_data: str) -> list[Step]:
         Step(
             gcloud(cfg, "compute", "instance-groups", "managed", "create", cfg.res("mig"), f"--zone={cfg.zone}",
                    f"--template={cfg.res('template')}", f"--size={cfg.size}", f"--base-instance-name={cfg.name}",
-                   f"--health-check={cfg.res('hc')}", f"--initial-delay={cfg.initial_delay}"),
-            f"managed instance group; autohealing recreates a VM whose model is not READY, after a {cfg.initial_delay} s "
-            "grace period for boot, image pull and model load",
+                   f"--health-check={cfg.res('hc-autoheal')}", f"--initial-delay={cfg.initial_delay}"),
+            f"managed instance group; autohealing recreates a VM with no READY worker for 5 minutes, after a "
+            f"{cfg.initial_delay} s grace period for boot, image pull and model load",
         ),
         Step(
             gcloud(cfg, "compute", "instance-groups", "managed", "set-named-ports", cfg.res("mig"), f"--zone={cfg.zone}",
@@ -326,9 +396,11 @@ def demo_commands(cfg: Config, user_data: str) -> list[Step]:
     return [
         *build_commands(cfg),
         *service_account_commands(cfg),
+        *network_commands(cfg),
         *firewall(cfg, cfg.res("demo-allow-8080"), f"tcp:{PORT}", cfg.source_ranges,
                   "gtsrb-serve public HTTP demo: inference API only",
                   f"PUBLIC DEMO firewall: plain HTTP on tcp:{PORT} from {cfg.source_ranges}, no authentication"),
+        *ssh_and_deny_rules(cfg),
         Step(
             gcloud(cfg, "compute", "instances", "create", cfg.res("demo"), f"--zone={cfg.zone}",
                    *vm_flags(cfg, user_data)),
@@ -381,13 +453,19 @@ def teardown_commands(cfg: Config) -> list[Step]:
         delete("compute", "security-policies", "delete", cfg.res("armor")),
         delete("compute", "instance-groups", "managed", "delete", cfg.res("mig"), zone),  # + its autoscaler
         delete("compute", "instance-templates", "delete", cfg.res("template")),
+        delete("compute", "health-checks", "delete", cfg.res("hc-autoheal"), "--global"),
         delete("compute", "health-checks", "delete", cfg.res("hc"), "--global"),
+        delete("compute", "instances", "delete", cfg.res("demo"), zone),
+        delete("compute", "firewall-rules", "delete", cfg.res("deny-all")),
         delete("compute", "firewall-rules", "delete", cfg.res("allow-iap-ssh")),
         delete("compute", "firewall-rules", "delete", cfg.res("allow-lb")),
+        delete("compute", "firewall-rules", "delete", cfg.res("demo-allow-8080")),
         delete("compute", "routers", "nats", "delete", cfg.res("nat"), f"--router={cfg.res('router')}", region),
         delete("compute", "routers", "delete", cfg.res("router"), region),
-        delete("compute", "instances", "delete", cfg.res("demo"), zone),
-        delete("compute", "firewall-rules", "delete", cfg.res("demo-allow-8080")),
+        *([] if cfg.network else [
+            delete("compute", "networks", "subnets", "delete", cfg.res("subnet"), region),
+            delete("compute", "networks", "delete", cfg.vpc),
+        ]),
         delete("artifacts", "repositories", "remove-iam-policy-binding", cfg.repo, f"--location={cfg.region}",
                member, f"--role={VM_REPO_ROLE}"),
         *[delete("projects", "remove-iam-policy-binding", cfg.project, member, f"--role={role}", "--condition=None")
@@ -412,8 +490,7 @@ def instances_command(cfg: Config) -> list[str]:
 
 def copy_log_command(cfg: Config, instance: str, dest: str) -> Step:
     """The input-statistics logs of one VM (rotated ones too) into dest/INSTANCE/, over SSH through IAP."""
-    tunnel = [] if cfg.public_http_demo else ["--tunnel-through-iap"]
-    return Step(gcloud(cfg, "compute", "scp", f"--zone={cfg.zone}", *tunnel,
+    return Step(gcloud(cfg, "compute", "scp", f"--zone={cfg.zone}", "--tunnel-through-iap",
                        f"{instance}:{LOG_DIR}/gtsrb_inputs.jsonl*", f"{dest}/{instance}/"))  # fmt: skip
 
 

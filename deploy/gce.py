@@ -13,6 +13,8 @@ deploy/commands.py holds the commands, deploy/README.md explains what gets creat
 """
 
 import argparse
+import dataclasses
+import re
 import shlex
 import shutil
 import subprocess
@@ -43,8 +45,9 @@ def render_cloud_init(cfg: Config) -> str:
     from deploy.commands import COLLECTOR_IMAGE
 
     return Template(CLOUD_INIT.read_text()).substitute(
-        image=cfg.image, registry_host=cfg.registry_host, memory=cfg.memory, collector_image=COLLECTOR_IMAGE
-    )
+        image=cfg.image_by_digest, registry_host=cfg.registry_host, memory=cfg.memory, cpus=cfg.cpus,
+        collector_image=COLLECTOR_IMAGE,
+    )  # fmt: skip
 
 
 def write_cloud_init(cfg: Config) -> Path:
@@ -52,6 +55,15 @@ def write_cloud_init(cfg: Config) -> Path:
     with open(fd, "w") as f:
         f.write(render_cloud_init(cfg))
     return Path(path)
+
+
+def pin_digest(cfg: Config, digest: str, user_data: Path | None) -> None:
+    """Rewrite the cloud-init (before any VM or template reads it) with the image by ``digest``."""
+    if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+        sys.exit(f"error: not an image digest: {digest!r}")
+    if user_data:
+        user_data.write_text(render_cloud_init(dataclasses.replace(cfg, digest=digest)))
+        print(f"# the VMs run {dataclasses.replace(cfg, digest=digest).image_by_digest}")
 
 
 def default_tag() -> str:
@@ -64,8 +76,9 @@ def default_tag() -> str:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "latest"
 
 
-def run(steps: list[Step], dry_run: bool) -> list[Step]:
-    """Print (dry run) or run the steps in order; returns the may_fail steps that failed."""
+def run(steps: list[Step], dry_run: bool, on_capture=None) -> list[Step]:
+    """Print (dry run) or run the steps in order; returns the may_fail steps that failed. A capture step's
+    output goes to ``on_capture``."""
     failed: list[Step] = []
     skip_next = False
     for step in steps:
@@ -82,6 +95,13 @@ def run(steps: list[Step], dry_run: bool) -> list[Step]:
         if step.probe:
             found = subprocess.run(step, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             skip_next = found.returncode == 0
+            continue
+        if step.capture:
+            out = subprocess.run(step, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+            if out.returncode != 0 or not out.stdout.strip():
+                sys.exit(f"error: exit code {out.returncode} from: {shlex.join(step)}\nnothing after it was run.")
+            if on_capture:
+                on_capture(out.stdout.strip())
             continue
         try:
             subprocess.run(step, cwd=ROOT, check=True)
@@ -141,7 +161,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds a new VM gets to boot and load the model (default: %(default)s)")  # fmt: skip
     d.add_argument("--machine-type", default="e2-standard-2", help="default: %(default)s")
     d.add_argument("--memory", default="4g", help="the container's memory limit (default: %(default)s)")
-    d.add_argument("--network", default="default", help="VPC network (default: %(default)s)")
+    d.add_argument("--cpus", default="1.8", help="the container's CPU limit (default: %(default)s)")
+    d.add_argument("--network", default="", help="an existing VPC network (default: a dedicated one, NAME-net)")
     d.add_argument("--torch-index-url", default=Config.torch_index_url, help="pip index for torch in the image")
     d.add_argument("--base-image", default="", help="the image's base for Cloud Build, e.g. debian:TAG@sha256:DIGEST")
     d.add_argument("--no-build", dest="build", action="store_false",
@@ -218,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             user_data = write_cloud_init(cfg)
             print(f"# cloud-init rendered from deploy/cloud-init.yaml to {user_data}")
             steps = deploy_commands(cfg, str(user_data))
-        failed = run(steps, args.dry_run)
+        failed = run(steps, args.dry_run, on_capture=lambda digest: pin_digest(cfg, digest, user_data))
     finally:
         # A real run is done with the file once gcloud has read it; a dry run's commands still point at it.
         if user_data and not args.dry_run:

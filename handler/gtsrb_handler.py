@@ -12,7 +12,7 @@ import torch
 from image_input import as_input_error, decode_image, request_bytes
 from presets import EvalPreset, to_network_layout
 from saliency import integrated_gradients, saliency_map
-from serving_metrics import Batch, HandlerMetrics, InputLog, Monitor
+from serving_metrics import Batch, HandlerMetrics, InputLog, Monitor, input_log_path
 from ts.torch_handler.base_handler import BaseHandler
 
 
@@ -44,7 +44,7 @@ class GTSRBHandler(BaseHandler):
         self.model_version = str((context.manifest or {}).get("model", {}).get("modelVersion", "unknown"))
         input_log = None
         if cfg.get("input_log_mb", 0) > 0:  # per-request input statistics for `make drift-report`
-            path = Path(os.environ.get("LOG_LOCATION", "logs")) / "gtsrb_inputs.jsonl"
+            path = input_log_path(Path(os.environ.get("LOG_LOCATION", "logs")))  # one file per worker
             input_log = InputLog(path, int(cfg["input_log_mb"] * 2**20), backups=3, model_version=self.model_version)
         metrics = HandlerMetrics(context.metrics, context.model_name, float(cfg["low_confidence"]))
         self.monitor = Monitor(metrics, input_log, float(cfg["monitor_interval_s"]))

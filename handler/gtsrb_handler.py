@@ -36,7 +36,7 @@ class GTSRBHandler(BaseHandler):
         os.environ["TS_DECODE_INPUT_REQUEST"] = "false"
         super().initialize(context)
         self.topk = int(cfg["topk"])
-        self.max_pixels = int(cfg["max_pixels"])
+        self.max_pixels, self.max_bytes = int(cfg["max_pixels"]), int(cfg["max_bytes"])
         self.explain_steps = int(cfg["explain_steps"])
         self.image_size = int(self.model.image_size)
         self.preset = EvalPreset(size=self.image_size)
@@ -69,7 +69,8 @@ class GTSRBHandler(BaseHandler):
         for i, row in enumerate(data):
             try:
                 wants_explanation = self.context.get_request_header(i, "explain") == "True"  # set by /explanations
-                img = decode_image(request_bytes(row), max_pixels=self.max_pixels, draft_size=2 * self.image_size)
+                img = decode_image(request_bytes(row), max_pixels=self.max_pixels, max_bytes=self.max_bytes,
+                                   draft_size=2 * self.image_size)  # fmt: skip
                 images.append(self.preset(img))
                 sizes.append(img.size)
                 explain.append(wants_explanation)

@@ -12,7 +12,7 @@ import torch
 from image_input import as_input_error, decode_image, request_bytes
 from presets import EvalPreset, to_network_layout
 from saliency import integrated_gradients, saliency_map
-from serving_metrics import Batch, HandlerMetrics, InputLog, Monitor
+from serving_metrics import Batch, HandlerMetrics, InputLog, Monitor, input_log_path
 from ts.torch_handler.base_handler import BaseHandler
 
 
@@ -36,7 +36,7 @@ class GTSRBHandler(BaseHandler):
         os.environ["TS_DECODE_INPUT_REQUEST"] = "false"
         super().initialize(context)
         self.topk = int(cfg["topk"])
-        self.max_pixels = int(cfg["max_pixels"])
+        self.max_pixels, self.max_bytes = int(cfg["max_pixels"]), int(cfg["max_bytes"])
         self.explain_steps = int(cfg["explain_steps"])
         self.image_size = int(self.model.image_size)
         self.preset = EvalPreset(size=self.image_size)
@@ -44,7 +44,7 @@ class GTSRBHandler(BaseHandler):
         self.model_version = str((context.manifest or {}).get("model", {}).get("modelVersion", "unknown"))
         input_log = None
         if cfg.get("input_log_mb", 0) > 0:  # per-request input statistics for `make drift-report`
-            path = Path(os.environ.get("LOG_LOCATION", "logs")) / "gtsrb_inputs.jsonl"
+            path = input_log_path(Path(os.environ.get("LOG_LOCATION", "logs")))  # one file per worker
             input_log = InputLog(path, int(cfg["input_log_mb"] * 2**20), backups=3, model_version=self.model_version)
         metrics = HandlerMetrics(context.metrics, context.model_name, float(cfg["low_confidence"]))
         self.monitor = Monitor(metrics, input_log, float(cfg["monitor_interval_s"]))
@@ -69,7 +69,8 @@ class GTSRBHandler(BaseHandler):
         for i, row in enumerate(data):
             try:
                 wants_explanation = self.context.get_request_header(i, "explain") == "True"  # set by /explanations
-                img = decode_image(request_bytes(row), max_pixels=self.max_pixels, draft_size=2 * self.image_size)
+                img = decode_image(request_bytes(row), max_pixels=self.max_pixels, max_bytes=self.max_bytes,
+                                   draft_size=2 * self.image_size)  # fmt: skip
                 images.append(self.preset(img))
                 sizes.append(img.size)
                 explain.append(wants_explanation)

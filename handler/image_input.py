@@ -14,13 +14,15 @@ import logging
 import warnings
 from http import HTTPStatus
 
+import image_structure
 import numpy as np
 from PIL import Image
 
 log = logging.getLogger(__name__)
 
 # The formats the README lists; Image.open tries no other plugin (no EPS/Ghostscript, JPEG 2000, PSD, ...).
-FORMATS = ("PNG", "JPEG", "PPM", "BMP", "WEBP", "TIFF", "GIF")
+# Not TIFF: no camera or browser sends it, and its strips, tiles and directories are each a Python step in Pillow.
+FORMATS = ("PNG", "JPEG", "PPM", "BMP", "WEBP", "GIF")
 # A JSON request is {"data": "<base64 image>"}: a few strings, one object. Bodies with more of the tokens
 # below are refused before parsing, so that 16 MiB of "[[],[],..." cannot cost 400 MB of Python objects.
 MAX_JSON_TOKENS = 64
@@ -125,27 +127,15 @@ def _too_large(message: str) -> InputError:
     return InputError(f"image too large: {message}", status=413, kind="ImageTooLarge")
 
 
-def _jpeg_buffers_whole_image(data: bytes, components: int) -> bool:
-    """True when libjpeg must hold every DCT coefficient of the whole image (~6 bytes a pixel, whatever
-    the draft scale): a progressive JPEG, or one whose first scan does not carry every component."""
-    i = 2  # after the start-of-image marker
-    while i + 4 < len(data):
-        if data[i] != 0xFF or data[i + 1] == 0xFF:  # junk or fill bytes between segments
-            i += 1
-            continue
-        marker = data[i + 1]
-        if marker in (0x00, 0x01) or 0xD0 <= marker <= 0xD8:  # markers without a length
-            i += 2
-            continue
-        if marker in (0xC2, 0xC6, 0xCA, 0xCE):  # progressive frames
-            return True
-        if marker == 0xDA:  # start of the first scan: does it carry every component?
-            return data[i + 4] < components
-        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-    return True
+def _too_complex(message: str) -> InputError:
+    return InputError(f"image too costly to decode: {message}", status=413, kind="ImageTooComplex")
 
 
-def _open(data: bytes, max_pixels: int, draft_size: int | None) -> Image.Image:
+def _open(data: bytes, max_pixels: int, max_bytes: int | None, draft_size: int | None) -> Image.Image:
+    if max_bytes is not None and len(data) > max_bytes:
+        raise _too_large(f"{len(data)} bytes, limit {max_bytes}")
+    if why := image_structure.problem(data):
+        raise _too_complex(why)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -161,13 +151,15 @@ def _open(data: bytes, max_pixels: int, draft_size: int | None) -> Image.Image:
     if w < 1 or h < 1:
         raise InputError(f"image has no pixels ({w}x{h})", kind="InvalidImage")
     if img.format in ("JPEG", "MPO"):
-        if _jpeg_buffers_whole_image(data, len(img.getbands())) and w * h > max_pixels:
+        if image_structure.jpeg_buffers_whole_image(data, len(img.getbands())) and w * h > max_pixels:
             raise _too_large(f"progressive or multi-scan JPEG of {w}x{h} = {w * h} pixels, limit {max_pixels}")
         if draft_size:  # decode at 1/2..1/8 scale, still at least draft_size a side
             img.draft(img.mode, (draft_size, draft_size))
     dw, dh = img.size
     if dw * dh > max_pixels:
         raise _too_large(f"{dw}x{dh} = {dw * dh} pixels to decode, limit {max_pixels}")
+    if why := image_structure.exif_problem(img.info):
+        raise _too_complex(why)
     return img
 
 
@@ -226,14 +218,17 @@ def _flatten_alpha(img: Image.Image) -> Image.Image:
     return img
 
 
-def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> Image.Image:
+def decode_image(
+    data: bytes, *, max_pixels: int, max_bytes: int | None = None, draft_size: int | None = None
+) -> Image.Image:
     """Bytes -> PIL image in an 8-bit mode without alpha, EXIF orientation applied (first frame of an
     animation). ``draft_size``: the image will be shrunk to about this size, so a JPEG is decoded at a
     reduced scale and a large image is box-reduced before its mode conversions.
 
-    Bounded cost: at most ``max_pixels`` are decoded at full resolution (for a single-scan JPEG, counted
-    after the reduced-scale decode), with integer or float32 arithmetic on them."""
-    img = _open(data, max_pixels, draft_size)
+    Bounded cost: at most ``max_bytes`` and ``max_pixels`` (for a single-scan JPEG, counted after the
+    reduced-scale decode), with integer or float32 arithmetic on them, and what ``image_structure`` allows
+    besides pixels (scans, segments, chunks, blocks). A 413 before decoding otherwise."""
+    img = _open(data, max_pixels, max_bytes, draft_size)
     try:
         img.load()
         transpose = _TRANSPOSE.get(img.getexif().get(0x0112))

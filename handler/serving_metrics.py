@@ -2,8 +2,8 @@
 request path.
 
 Metrics are declared in metrics.yaml (TorchServe drops undeclared ones). The input log holds light
-statistics of each served image (never the image) for tools/drift_report.py, in a bounded, rotating
-JSON-lines file. ``Monitor`` does both in a background thread, once per interval for every batch served
+statistics of each served image (never the image) for tools/drift_report.py, in bounded, rotating
+JSON-lines files, one per worker. ``Monitor`` does both in a background thread, once per interval for every batch served
 meanwhile: the worker answers a request before any of it runs, and the frontend parses a few metric lines a
 second instead of ~10 per batch (BENCHMARKS.md, "Latency"). Copied into the model archive as a top-level module.
 """
@@ -11,7 +11,9 @@ second instead of ~10 per batch (BENCHMARKS.md, "Latency"). Copied into the mode
 import json
 import logging
 import logging.handlers
+import os
 import queue
+import sys
 import threading
 import time
 import typing
@@ -69,8 +71,26 @@ class HandlerMetrics:
             self.m["GTSRBInferenceTime"].add_or_update(round(inference_ms, 3), [name])
 
 
+def worker_slot(argv: list[str] | None = None) -> str:
+    """This worker's place in TorchServe: the port of its socket (``W-9000`` in TorchServe's logs), which a
+    restarted worker keeps; the process id outside TorchServe."""
+    argv = sys.argv if argv is None else argv
+    for flag, value in zip(argv, argv[1:]):
+        if flag in ("--sock-name", "--port"):  # unix: /tmp/.ts.sock.9000; tcp: 9000
+            return value.rsplit(".", 1)[-1]
+    return f"pid{os.getpid()}"
+
+
+def input_log_path(log_dir: Path, argv: list[str] | None = None) -> Path:
+    """``gtsrb_inputs.jsonl.w<slot>``: one file per worker, so that no two processes rotate one file (a
+    rotation by one would drop the rows the other wrote meanwhile). Rotated files add ``.1``, ``.2``, ...;
+    ``gtsrb_inputs.jsonl*`` matches them all (``make drift-report``)."""
+    return Path(log_dir) / f"gtsrb_inputs.jsonl.w{worker_slot(argv)}"
+
+
 class InputLog:
-    """Rotating JSON lines: {t, w, h, stats, class, p, model_version} per successfully classified request."""
+    """Rotating JSON lines: {t, w, h, stats, class, p, model_version} per successfully classified request.
+    Written by one process (``input_log_path``): RotatingFileHandler's rotation is not safe across processes."""
 
     def __init__(self, path: Path, max_bytes: int, backups: int, model_version: str = "unknown") -> None:
         self.model_version = model_version

@@ -45,11 +45,11 @@ def odd_images(sign: Image.Image, *, large: bool = False) -> dict[str, bytes]:
         "EXIF-rotated jpeg": encode(sign.rotate(90, expand=True), "JPEG", exif=exif),
         "animated gif": encode(frames[0], "GIF", save_all=True, append_images=frames[1:]),
         "webp": encode(sign, "WEBP"),
-        "tiff": encode(sign, "TIFF"),
         "ppm": encode(sign, "PPM"),
         "1x1": encode(sign.resize((1, 1)), "PNG"),
         "1000x8": encode(sign.resize((1000, 8)), "PNG"),
-        "float tiff": encode(Image.fromarray(np.asarray(sign.convert("L"), dtype=np.float32)), "TIFF"),
+        "16-bit pgm": encode(gray16, "PPM"),
+        "float pfm": encode(Image.fromarray(np.asarray(sign.convert("L"), dtype=np.float32)), "PPM"),
     }
     if large:
         images["4000x3000 jpeg"] = encode(sign.resize((4000, 3000), Image.BILINEAR), "JPEG", quality=90)
@@ -57,7 +57,7 @@ def odd_images(sign: Image.Image, *, large: bool = False) -> dict[str, bytes]:
 
 
 # Colour-preserving encodings of a sign: the prediction must not change.
-SAME_PREDICTION = ("RGBA png", "CMYK jpeg", "EXIF-rotated jpeg", "webp", "tiff", "ppm", "4000x3000 jpeg")
+SAME_PREDICTION = ("RGBA png", "CMYK jpeg", "EXIF-rotated jpeg", "webp", "ppm", "4000x3000 jpeg")
 
 
 def hostile_bodies(sign: Image.Image) -> dict[str, tuple[bytes, int, str]]:

@@ -124,12 +124,13 @@ def test_ready_and_metrics_and_input_log_reach_the_host(container, signs):
     assert predict(container["url"], png(signs[0][0])).status_code == 200
     metrics = requests.get(f"{container['metrics']}/metrics", timeout=5).text
     assert "ts_inference_requests_total" in metrics
-    # The input-statistics log (the drift report's input) is in the host folder docker/run.sh mounted.
-    log = container["logs"] / "gtsrb_inputs.jsonl"
+    # The input-statistics log (the drift report's input) is in the host folder docker/run.sh mounted, one
+    # file per worker (gtsrb_inputs.jsonl.w<port>).
     deadline = time.monotonic() + 10
-    while not (log.exists() and log.read_text().strip()) and time.monotonic() < deadline:
+    while not (logs := [f for f in container["logs"].glob("gtsrb_inputs.jsonl.w*") if f.read_text().strip()]):
+        assert time.monotonic() < deadline, "no input log row"
         time.sleep(0.2)
-    assert json.loads(log.read_text().splitlines()[-1])
+    assert json.loads(logs[0].read_text().splitlines()[-1])
 
 
 def test_memory_is_bounded(container):

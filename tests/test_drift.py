@@ -95,3 +95,35 @@ def test_input_log_rotates_and_stays_bounded(tmp_path):
         "p",
         "model_version",
     }
+
+
+WRITER = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from serving_metrics import InputLog, input_log_path
+log_dir, port, batches = Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+path = input_log_path(log_dir, ["model_service_worker.py", "--sock-type", "unix", "--sock-name", f"/tmp/.ts.sock.{port}"])
+log = InputLog(path, max_bytes=5000, backups=100_000)
+for i in range(batches):
+    log.write([(32, 32)] * 5, [[0.5] * 7] * 5, [port % 43] * 5, [0.9] * 5)
+"""
+
+
+def test_two_workers_logging_at_once_lose_no_row(tmp_path):
+    """Each worker writes and rotates its own file (named by its TorchServe port): no row is lost at rollover,
+    as rows were when two processes rotated one file."""
+    batches = 400
+    writers = [
+        subprocess.Popen([sys.executable, "-c", WRITER, str(ROOT / "handler"), str(tmp_path), str(port), str(batches)])
+        for port in (9000, 9001)
+    ]
+    assert [w.wait(timeout=300) for w in writers] == [0, 0]
+    files = sorted(tmp_path.glob("gtsrb_inputs.jsonl*"))
+    assert {f.name.split(".")[2] for f in files} == {"w9000", "w9001"}
+    classes = {}
+    for f in files:
+        rows = [json.loads(line)["class"] for line in f.read_text().splitlines()]
+        assert len(set(rows)) == 1, f"{f.name}: rows of two writers"
+        classes.setdefault(f.name.split(".")[2], []).extend(rows)
+    assert {w: len(rows) for w, rows in classes.items()} == {"w9000": 5 * batches, "w9001": 5 * batches}

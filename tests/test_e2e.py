@@ -70,7 +70,10 @@ def test_truncated_image(server, signs):
 
 
 def test_body_over_the_size_limit_is_refused(server):
-    r = predict(server["inference"], data=b"\0" * (17 * 1024 * 1024), headers={"Content-Type": "image/png"})
+    """One byte over config.properties' max_request_size: the frontend's 413."""
+    props = dict(line.split("=", 1) for line in (ROOT / "config.properties").read_text().splitlines() if "=" in line)
+    limit = int(props["max_request_size"])
+    r = predict(server["inference"], data=b"\0" * (limit + 1), headers={"Content-Type": "image/png"})
     assert r.status_code == 413
 
 

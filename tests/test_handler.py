@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from serving_metrics import input_log_path
 
 from handler.presets import EvalPreset
 from tests.conftest import MODEL, NAMES, ROOT
@@ -168,7 +169,7 @@ def test_metrics_count_outcomes_classes_and_confidence(handler, stop_sign, stop_
 
 
 def test_input_statistics_are_logged_never_images(handler, stop_sign, stop_answer):
-    log = handler.log_dir / "gtsrb_inputs.jsonl"
+    log = input_log_path(handler.log_dir)  # this process's file
     before = log.read_text().splitlines() if log.exists() else []
     run(handler, [{"body": encode(stop_sign, "PNG")}, {"body": b"junk"}])
     new = log.read_text().splitlines()[len(before) :]
@@ -192,7 +193,7 @@ def test_monitoring_is_written_by_the_background_thread(handler, stop_sign):
     """Without any flush from the request path, the input log row appears within the monitor interval."""
     import time
 
-    log = handler.log_dir / "gtsrb_inputs.jsonl"
+    log = input_log_path(handler.log_dir)  # this process's file
     before = len(log.read_text().splitlines()) if log.exists() else 0
     ctx = batch_context(1)
     handler.handle([{"body": encode(stop_sign, "PNG")}], ctx)  # what the worker does: no flush

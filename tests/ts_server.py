@@ -25,7 +25,7 @@ def processes_under(path) -> list[psutil.Process]:
 
 @contextlib.contextmanager
 def serving(base: Path) -> Iterator[dict]:
-    """-> {"inference", "management", "metrics": HTTP urls, "grpc_inference": port}."""
+    """-> {"inference", "management", "metrics": HTTP urls, "grpc_inference": port, "logs": its log folder}."""
     store = base / "model_store"
     archive.build(export_path=store)
     ports = torchserve_ctl.free_ports()
@@ -33,7 +33,7 @@ def serving(base: Path) -> Iterator[dict]:
     proc = torchserve_ctl.start(base / "config.properties", store, base / "logs", tmpdir=base / "tmp", foreground=True)
     try:
         torchserve_ctl.wait_ready(urls["management"], timeout=180, proc=proc)
-        yield {**urls, "grpc_inference": ports["grpc_inference"]}
+        yield {**urls, "grpc_inference": ports["grpc_inference"], "logs": base / "logs"}
     finally:
         torchserve_ctl.stop(base / "logs", tmpdir=base / "tmp")
         proc.wait(timeout=60)

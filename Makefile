@@ -44,13 +44,11 @@ lock: $(VENV)/.dev ## resolve requirements/*.txt into the hash-pinned serve-, de
 	cd requirements && $(UV_COMPILE) dev.txt -c bench-lock.txt -o dev-lock.txt
 	cd requirements && echo pip | $(UV_COMPILE) torch.txt serve.txt - -c bench-lock.txt -o serve-lock.txt
 
-teacher: $(VENV)/.dev ## train the distillation teacher (configs/teacher.yaml) -> runs/teacher/latest/best.pth
+teacher: $(VENV)/.dev ## retrain the distillation teacher (configs/teacher.yaml) -> models/gtsrb_teacher.pth (committed)
 	$(PY) -m training.train -c training/configs/teacher.yaml --data-root $(DATA)
+	$(PY) -m training.export --checkpoint runs/teacher/latest/last.pth --output models/gtsrb_teacher.pth --slim
 
-runs/teacher/latest/best.pth:
-	$(MAKE) teacher
-
-train: $(VENV)/.dev runs/teacher/latest/best.pth ## teacher (if missing), then the shipped student recipe -> models/gtsrb.pt
+train: $(VENV)/.dev ## the student recipe from the committed teacher; held-out numbers; the promotion gate -> models/gtsrb.pt
 	$(PY) -m training.train -c training/configs/gtsrb.yaml --data-root $(DATA) --export models/gtsrb.pt --register gtsrb
 
 mlflow-ui: $(VENV)/.dev ## MLflow UI on http://127.0.0.1:5000 over $$MLFLOW_TRACKING_URI (default: the local mlruns/ store)
@@ -60,8 +58,8 @@ mlflow-ui: $(VENV)/.dev ## MLflow UI on http://127.0.0.1:5000 over $$MLFLOW_TRAC
 evaluate: $(VENV)/.dev ## top-1, macro-F1 and worst classes of MODEL on DATA/SPLIT (default: test split)
 	$(PY) -m training.evaluate --model $(MODEL) --data-root $(DATA) --split $(SPLIT)
 
-export: $(VENV)/.dev ## re-export models/gtsrb.pt from a checkpoint (CKPT=runs/gtsrb/latest/best.pth)
-	$(PY) -m training.export --checkpoint $(or $(CKPT),runs/gtsrb/latest/best.pth) --output models/gtsrb.pt
+export: $(VENV)/.dev ## re-export a run's TorchScript model (CKPT=runs/gtsrb/latest/last.pth; uncalibrated: make train calibrates)
+	$(PY) -m training.export --checkpoint $(or $(CKPT),runs/gtsrb/latest/last.pth) --output runs/gtsrb/latest/model.pt
 
 model_store/gtsrb.mar: $(VENV)/.serve models/gtsrb.pt handler/* tools/archive.py
 	$(PY) -m tools.archive

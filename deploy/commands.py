@@ -58,6 +58,12 @@ class Config:
     max_rps: float = 500.0  # ~half of what one 2-core server does at concurrency 32 (BENCHMARKS.md)
     target_lb_utilization: float = 0.8
     keep_images: bool = False
+    # rollouts (deploy/rollout.py)
+    regional: bool = False  # the group spreads its VMs over the region's zones
+    digest: str = ""  # sha256:... of the pushed image: VMs pull exactly that image
+    template: str = ""  # the instance template of this image, model and configuration (rollout.template_name)
+    model_version: str = ""  # the archive's model version (v<registered>-<sha12>), a label of the VMs
+    alert_webhook: str = ""  # the Alertmanager's webhook receiver on the VMs (monitoring/alertmanager.yml)
 
     @property
     def region(self) -> str:
@@ -75,6 +81,15 @@ class Config:
         return f"{self.registry_host}/{self.project}/{self.repo}/gtsrb-serve:{self.tag}"
 
     @property
+    def image_ref(self) -> str:
+        """What the VMs run: the image by digest once it is known (the tag stays, for people to read)."""
+        return f"{self.image}@{self.digest}" if self.digest else self.image
+
+    @property
+    def mig_scope(self) -> str:
+        return f"--region={self.region}" if self.regional else f"--zone={self.zone}"
+
+    @property
     def service_account(self) -> str:
         return f"{self.name}-vm@{self.project}.iam.gserviceaccount.com"
 
@@ -87,22 +102,23 @@ class Step(list):
     """One gcloud argv (a plain list, so tests compare it as one), plus how the runner treats it.
 
     note:     printed as a comment before the command, in dry runs and real runs.
-    probe:    a `describe`: if it succeeds the resource exists and the runner skips the next step (its create).
+    probe:    a `describe`: if it succeeds the resource exists and the runner skips the next `skip` steps (its
+              create, and what is done once after it).
     may_fail: teardown deletes; a resource that was never created must not stop the others being deleted.
     """
 
-    def __init__(self, argv: list[str], note: str = "", *, probe: bool = False, may_fail: bool = False):
+    def __init__(self, argv: list[str], note: str = "", *, probe: bool = False, may_fail: bool = False, skip: int = 1):
         super().__init__(argv)
-        self.note, self.probe, self.may_fail = note, probe, may_fail
+        self.note, self.probe, self.may_fail, self.skip = note, probe, may_fail, skip
 
 
 def gcloud(cfg: Config, *args: str) -> list[str]:
     return ["gcloud", *args, f"--project={cfg.project}"]
 
 
-def ensure(cfg: Config, describe: list[str], create: list[str], note: str) -> list[Step]:
-    """describe, then create only if describe failed: reruns reuse what exists instead of failing on it."""
-    return [Step(gcloud(cfg, *describe), note, probe=True), Step(gcloud(cfg, *create))]
+def ensure(cfg: Config, describe: list[str], create: list[str], note: str, then: tuple[Step, ...] = ()) -> list[Step]:
+    """describe, then create (and `then`) only if describe failed: reruns reuse what exists instead of failing."""
+    return [Step(gcloud(cfg, *describe), note, probe=True, skip=1 + len(then)), Step(gcloud(cfg, *create)), *then]
 
 
 # ------------------------------------------------------------------------------------- shared by both modes
@@ -236,51 +252,62 @@ def secure_commands(cfg: Config, user_data: str) -> list[Step]:
             f"health check: GET {READY_PATH} on {PORT}, 200 only while the model is READY (not /ping, which stays "
             "Healthy when the workers are gone)",
         ),
-        Step(
-            gcloud(cfg, "compute", "instance-templates", "create", cfg.res("template"), *vm_flags(cfg, user_data),
-                   "--no-address"),
+        # The template names its image digest, model and configuration (deploy/rollout.py): a new one is a new
+        # template, rolled out by the canary steps after these; the same one is found and reused.
+        *ensure(
+            cfg,
+            ["compute", "instance-templates", "describe", cfg.template or cfg.res("template")],
+            ["compute", "instance-templates", "create", cfg.template or cfg.res("template"), *vm_flags(cfg, user_data),
+             "--no-address", *([f"--labels=model-version={cfg.model_version}"] if cfg.model_version else [])],
             "instance template: COS, the cloud-init, the dedicated service account, no public address",
         ),
-        Step(
-            gcloud(cfg, "compute", "instance-groups", "managed", "create", cfg.res("mig"), f"--zone={cfg.zone}",
-                   f"--template={cfg.res('template')}", f"--size={cfg.size}", f"--base-instance-name={cfg.name}",
-                   f"--health-check={cfg.res('hc')}", f"--initial-delay={cfg.initial_delay}"),
-            f"managed instance group; autohealing recreates a VM whose model is not READY, after a {cfg.initial_delay} s "
-            "grace period for boot, image pull and model load",
+        *ensure(
+            cfg,
+            ["compute", "instance-groups", "managed", "describe", cfg.res("mig"), cfg.mig_scope],
+            ["compute", "instance-groups", "managed", "create", cfg.res("mig"), cfg.mig_scope,
+             f"--template={cfg.template or cfg.res('template')}", f"--size={cfg.size}", f"--base-instance-name={cfg.name}",
+             f"--health-check={cfg.res('hc')}", f"--initial-delay={cfg.initial_delay}"],
+            f"managed instance group ({'regional' if cfg.regional else 'zonal'}); autohealing recreates a VM whose model "
+            f"is not READY, after a {cfg.initial_delay} s grace period for boot, image pull and model load. An existing "
+            "group keeps its template here: the canary steps at the end move it",
         ),
         Step(
-            gcloud(cfg, "compute", "instance-groups", "managed", "set-named-ports", cfg.res("mig"), f"--zone={cfg.zone}",
+            gcloud(cfg, "compute", "instance-groups", "managed", "set-named-ports", cfg.res("mig"), cfg.mig_scope,
                    f"--named-ports=http:{PORT}"),
             f"the backend service reaches the VMs through the named port http -> {PORT}",
         ),
         # ---- the load balancer: Cloud Armor, IAP, certificate, HTTPS only
-        Step(
-            gcloud(cfg, "compute", "security-policies", "create", cfg.res("armor"),
-                   "--description=gtsrb-serve: per-client rate limit"),
+        *ensure(
+            cfg,
+            ["compute", "security-policies", "describe", cfg.res("armor")],
+            ["compute", "security-policies", "create", cfg.res("armor"), "--description=gtsrb-serve: per-client rate limit"],
             "Cloud Armor policy",
+            then=(Step(
+                gcloud(cfg, "compute", "security-policies", "rules", "create", "1000",
+                       f"--security-policy={cfg.res('armor')}", "--src-ip-ranges=*", "--action=throttle",
+                       f"--rate-limit-threshold-count={cfg.rate_limit}", "--rate-limit-threshold-interval-sec=60",
+                       "--conform-action=allow", "--exceed-action=deny-429", "--enforce-on-key=IP"),
+                f"rate limit: {cfg.rate_limit} requests a minute per client IP, 429 beyond",
+            ),),
         ),
-        Step(
-            gcloud(cfg, "compute", "security-policies", "rules", "create", "1000", f"--security-policy={cfg.res('armor')}",
-                   "--src-ip-ranges=*", "--action=throttle", f"--rate-limit-threshold-count={cfg.rate_limit}",
-                   "--rate-limit-threshold-interval-sec=60", "--conform-action=allow", "--exceed-action=deny-429",
-                   "--enforce-on-key=IP"),
-            f"rate limit: {cfg.rate_limit} requests a minute per client IP, 429 beyond",
-        ),
-        Step(
-            gcloud(cfg, "compute", "backend-services", "create", cfg.res("backend"), "--global",
-                   "--load-balancing-scheme=EXTERNAL_MANAGED", "--protocol=HTTP", "--port-name=http",
-                   f"--health-checks={cfg.res('hc')}", "--timeout=30s", "--connection-draining-timeout=60"),
+        *ensure(
+            cfg,
+            ["compute", "backend-services", "describe", cfg.res("backend"), "--global"],
+            ["compute", "backend-services", "create", cfg.res("backend"), "--global",
+             "--load-balancing-scheme=EXTERNAL_MANAGED", "--protocol=HTTP", "--port-name=http",
+             f"--health-checks={cfg.res('hc')}", "--timeout=30s", "--connection-draining-timeout=60"],
             "backend service: only to healthy VMs; a VM leaving the group gets 60 s to finish its requests",
+            then=(Step(
+                gcloud(cfg, "compute", "backend-services", "add-backend", cfg.res("backend"), "--global",
+                       f"--instance-group={cfg.res('mig')}",
+                       f"--instance-group-{'region' if cfg.regional else 'zone'}={cfg.region if cfg.regional else cfg.zone}",
+                       "--balancing-mode=UTILIZATION", "--max-utilization=0.8"),
+            ),),
         ),
         Step(
             gcloud(cfg, "compute", "backend-services", "update", cfg.res("backend"), "--global",
                    f"--security-policy={cfg.res('armor')}"),
             "Cloud Armor in front of the backend service",
-        ),
-        Step(
-            gcloud(cfg, "compute", "backend-services", "add-backend", cfg.res("backend"), "--global",
-                   f"--instance-group={cfg.res('mig')}", f"--instance-group-zone={cfg.zone}",
-                   "--balancing-mode=UTILIZATION", "--max-utilization=0.8"),
         ),
         Step(
             gcloud(cfg, "compute", "backend-services", "update", cfg.res("backend"), "--global", "--iap=enabled"),
@@ -293,29 +320,34 @@ def secure_commands(cfg: Config, user_data: str) -> list[Step]:
                  "who may call (--iap-member)" if i == 0 else "")
             for i, m in enumerate(cfg.iap_members)
         ],
-        Step(gcloud(cfg, "compute", "url-maps", "create", cfg.res("urlmap"), "--global",
-                    f"--default-service={cfg.res('backend')}")),
-        Step(
-            gcloud(cfg, "compute", "addresses", "create", cfg.res("ip"), "--global", "--ip-version=IPV4"),
+        *ensure(cfg, ["compute", "url-maps", "describe", cfg.res("urlmap"), "--global"],
+                ["compute", "url-maps", "create", cfg.res("urlmap"), "--global", f"--default-service={cfg.res('backend')}"],
+                ""),
+        *ensure(
+            cfg,
+            ["compute", "addresses", "describe", cfg.res("ip"), "--global"],
+            ["compute", "addresses", "create", cfg.res("ip"), "--global", "--ip-version=IPV4"],
             f"a static address: point the DNS A record of {cfg.domain} at it",
         ),
-        Step(
-            gcloud(cfg, "compute", "ssl-certificates", "create", cfg.res("cert"), "--global", f"--domains={cfg.domain}"),
+        *ensure(
+            cfg,
+            ["compute", "ssl-certificates", "describe", cfg.res("cert"), "--global"],
+            ["compute", "ssl-certificates", "create", cfg.res("cert"), "--global", f"--domains={cfg.domain}"],
             "Google-managed certificate: issued once DNS points at the address (up to an hour)",
         ),
-        Step(
-            gcloud(cfg, "compute", "ssl-policies", "create", cfg.res("tls"), "--global", "--profile=MODERN",
-                   "--min-tls-version=1.2"),
-        ),
-        Step(
-            gcloud(cfg, "compute", "target-https-proxies", "create", cfg.res("https-proxy"), "--global",
-                   f"--url-map={cfg.res('urlmap')}", f"--ssl-certificates={cfg.res('cert')}",
-                   f"--ssl-policy={cfg.res('tls')}"),
-        ),
-        Step(
-            gcloud(cfg, "compute", "forwarding-rules", "create", cfg.res("https"), "--global",
-                   "--load-balancing-scheme=EXTERNAL_MANAGED", f"--address={cfg.res('ip')}",
-                   f"--target-https-proxy={cfg.res('https-proxy')}", "--ports=443"),
+        *ensure(cfg, ["compute", "ssl-policies", "describe", cfg.res("tls"), "--global"],
+                ["compute", "ssl-policies", "create", cfg.res("tls"), "--global", "--profile=MODERN",
+                 "--min-tls-version=1.2"], ""),
+        *ensure(cfg, ["compute", "target-https-proxies", "describe", cfg.res("https-proxy"), "--global"],
+                ["compute", "target-https-proxies", "create", cfg.res("https-proxy"), "--global",
+                 f"--url-map={cfg.res('urlmap')}", f"--ssl-certificates={cfg.res('cert')}",
+                 f"--ssl-policy={cfg.res('tls')}"], ""),
+        *ensure(
+            cfg,
+            ["compute", "forwarding-rules", "describe", cfg.res("https"), "--global"],
+            ["compute", "forwarding-rules", "create", cfg.res("https"), "--global",
+             "--load-balancing-scheme=EXTERNAL_MANAGED", f"--address={cfg.res('ip')}",
+             f"--target-https-proxy={cfg.res('https-proxy')}", "--ports=443"],
             "the only public entry point: HTTPS on 443 (no plain HTTP listener)",
         ),
     ]  # fmt: skip
@@ -329,10 +361,12 @@ def demo_commands(cfg: Config, user_data: str) -> list[Step]:
         *firewall(cfg, cfg.res("demo-allow-8080"), f"tcp:{PORT}", cfg.source_ranges,
                   "gtsrb-serve public HTTP demo: inference API only",
                   f"PUBLIC DEMO firewall: plain HTTP on tcp:{PORT} from {cfg.source_ranges}, no authentication"),
-        Step(
-            gcloud(cfg, "compute", "instances", "create", cfg.res("demo"), f"--zone={cfg.zone}",
-                   *vm_flags(cfg, user_data)),
-            f"the demo VM (public address): pulls {cfg.image} at boot and runs it under systemd",
+        *ensure(
+            cfg,
+            ["compute", "instances", "describe", cfg.res("demo"), f"--zone={cfg.zone}"],
+            ["compute", "instances", "create", cfg.res("demo"), f"--zone={cfg.zone}", *vm_flags(cfg, user_data)],
+            f"the demo VM (public address): pulls {cfg.image_ref} at boot and runs it under systemd (an existing "
+            "one is kept: teardown and deploy again to change it)",
         ),
     ]  # fmt: skip
 
@@ -345,7 +379,9 @@ def scale_out_commands(cfg: Config) -> list[Step]:
         # target_lb_utilization of it, i.e. about max_rps * target_lb_utilization requests/s per VM.
         steps.append(Step(
             gcloud(cfg, "compute", "backend-services", "update-backend", cfg.res("backend"), "--global",
-                   f"--instance-group={cfg.res('mig')}", f"--instance-group-zone={cfg.zone}", "--balancing-mode=RATE",
+                   f"--instance-group={cfg.res('mig')}",
+                   f"--instance-group-{'region' if cfg.regional else 'zone'}={cfg.region if cfg.regional else cfg.zone}",
+                   "--balancing-mode=RATE",
                    f"--max-rate-per-instance={cfg.max_rps:g}"),
             f"each VM is worth {cfg.max_rps:g} requests/s to the load balancer",
         ))  # fmt: skip
@@ -353,7 +389,7 @@ def scale_out_commands(cfg: Config) -> list[Step]:
     else:
         signal = [f"--target-cpu-utilization={cfg.target_cpu:g}"]
     steps.append(Step(
-        gcloud(cfg, "compute", "instance-groups", "managed", "set-autoscaling", cfg.res("mig"), f"--zone={cfg.zone}",
+        gcloud(cfg, "compute", "instance-groups", "managed", "set-autoscaling", cfg.res("mig"), cfg.mig_scope,
                f"--min-num-replicas={cfg.min_replicas}", f"--max-num-replicas={cfg.max_replicas}",
                f"--cool-down-period={cfg.initial_delay}", *signal),
         f"autoscaling on {'requests per second' if cfg.autoscale_on == 'rps' else 'CPU utilization'}",
@@ -379,8 +415,8 @@ def teardown_commands(cfg: Config) -> list[Step]:
         delete("compute", "url-maps", "delete", cfg.res("urlmap"), "--global"),
         delete("compute", "backend-services", "delete", cfg.res("backend"), "--global"),  # + its IAP settings
         delete("compute", "security-policies", "delete", cfg.res("armor")),
-        delete("compute", "instance-groups", "managed", "delete", cfg.res("mig"), zone),  # + its autoscaler
-        delete("compute", "instance-templates", "delete", cfg.res("template")),
+        delete("compute", "instance-groups", "managed", "delete", cfg.res("mig"), cfg.mig_scope),  # + its autoscaler
+        # the group's templates, one per rollout: deploy/rollout.py lists and deletes them after these steps
         delete("compute", "health-checks", "delete", cfg.res("hc"), "--global"),
         delete("compute", "firewall-rules", "delete", cfg.res("allow-iap-ssh")),
         delete("compute", "firewall-rules", "delete", cfg.res("allow-lb")),
@@ -406,7 +442,7 @@ def instances_command(cfg: Config) -> list[str]:
     """The serving VMs' names, one a line."""
     if cfg.public_http_demo:
         return gcloud(cfg, "compute", "instances", "list", f"--filter=name={cfg.res('demo')}", "--format=value(name)")
-    return gcloud(cfg, "compute", "instance-groups", "managed", "list-instances", cfg.res("mig"), f"--zone={cfg.zone}",
+    return gcloud(cfg, "compute", "instance-groups", "managed", "list-instances", cfg.res("mig"), cfg.mig_scope,
                   "--format=value(name)")  # fmt: skip
 
 

@@ -308,7 +308,7 @@ def model_version(cfg: Config, args: argparse.Namespace) -> str:
         sys.exit(f"error: {args.registered_model} has no version with alias {args.model_alias!r}: promote one "
                  f"(python -m training.tracking promote {args.registered_model} VERSION), or --model-alias ''")  # fmt: skip
     if not version.startswith(f"v{mv['version']}-"):
-        sys.exit(f"error: {MAR.relative_to(ROOT)} is model {version}, but {args.model_alias!r} is version "
+        sys.exit(f"error: {MAR.name} is model {version}, but {args.model_alias!r} is version "
                  f"{mv['version']}: run `make archive-champion`")  # fmt: skip
     return version
 

@@ -53,12 +53,15 @@ COPY models/gtsrb_reference.json /opt/gtsrb/models/
 COPY docker/serve.py docker/haproxy.cfg /opt/gtsrb/docker/
 COPY docker/errors/ /opt/gtsrb/docker/errors/
 COPY model_store/gtsrb.mar /opt/gtsrb/model_store/
+# TorchServe's workflow store: empty and read-only (its default would be the model store; SECURITY.md, "Management").
+RUN install -d -m 0555 /opt/gtsrb/workflow_store
 
 # HAProxy publishes 8080; TorchServe's inference listens on 127.0.0.1:8079 behind it, management and metrics on
 # the container's loopback. The VM and `make docker-run` set TS_METRICS_ADDRESS=http://0.0.0.0:8082 and publish
 # it on the host's loopback only, for a scraper there. Every TorchServe setting can be overridden as TS_<PROPERTY>.
 # logs/ and tmp/ are group-0 writable: `make docker-run` runs as your uid (group 0) so that the mounted log
-# folder stays yours.
+# folder stays yours. The VM and `make docker-run` run it with a read-only root file system: logs/ is a mounted
+# folder, tmp/ (TorchServe's unpacked archive, the workers' sockets) and /tmp are tmpfs (docker/run.sh).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     GTSRB_HOME=/opt/gtsrb \

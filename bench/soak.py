@@ -3,7 +3,7 @@
     python -m bench.soak [--soak-seconds 300] [--output reports/soak/soak.md]
 
 1. kill -9 a worker under load (wrk, concurrency 32): failed requests, time until every worker is READY
-   again, what the readiness check (tools.torchserve_ctl.model_status, used by `make serve`) saw.
+   again, whether readiness (tools.torchserve_ctl.model_status: a worker READY) ever went down.
 2. overload beyond job_queue_size (a copy of the config with a small queue): the refusals are clean 503s
    with a JSON message, and a normal load right after has no failed request.
 3. soak: --soak-seconds at concurrency 64: failed requests, worker RSS at the start and the end.
@@ -49,8 +49,8 @@ def kill_worker_under_load(urls, proc, wrk_files) -> dict:
     saw_outage, recovered = False, None
     while time.monotonic() - killed < 60:
         status = torchserve_ctl.model_status(urls["management"])
-        saw_outage |= not status["ready"]
-        if status["ready"] and victim not in {w.get("pid") for w in status["workers"]}:
+        saw_outage |= not status["ready"]  # no worker READY (one of two was killed: expected False)
+        if status["all_ready"] and victim not in {w.get("pid") for w in status["workers"]}:
             recovered = time.monotonic() - killed
             break
         time.sleep(0.05)
@@ -160,7 +160,7 @@ def write_report(path: Path, kill: dict, long: dict, over: dict) -> None:
         f"- TorchServe restarted the worker; every worker READY again after **{kill['recovery_s']:.2f} s**"
         if kill["recovery_s"] is not None
         else "- the worker did **not** come back within 60 s",
-        f"- the readiness check used by `make serve` (model READY on the management API) saw the outage: {kill['readiness_saw_outage']}",
+        f"- readiness (a worker READY on the management API, the container's /ready) went down: {kill['readiness_saw_outage']}",
         "- no request hung: wrk's timeout is 30 s, the same as `responseTimeout`, and the timeouts above are 0",
         "  unless stated otherwise.",
         "",

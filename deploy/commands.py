@@ -17,6 +17,13 @@ CLOUDBUILD = "deploy/cloudbuild.yaml"  # relative: gcloud runs from the repo roo
 # Where Google's health checkers and the global external Application Load Balancer's proxies connect from.
 GOOGLE_LB_RANGES = ("130.211.0.0/22", "35.191.0.0/16")
 IAP_TCP_RANGE = "35.235.240.0/20"  # IAP TCP forwarding: `gcloud compute ssh/scp --tunnel-through-iap`
+SUBNET_RANGE = "10.80.0.0/24"  # the dedicated network's one subnet (the zone's region)
+# Firewall priorities: the rules that admit traffic, then a deny of everything else for the VMs' tag, above the
+# rules a default network brings (allow-internal, allow-ssh from anywhere: 65534).
+ALLOW_PRIORITY, DENY_PRIORITY = 900, 1000
+# Login to the VMs is by IAM identity (OS Login) only; SSH keys in the project's metadata are ignored.
+VM_METADATA = "enable-oslogin=TRUE,block-project-ssh-keys=TRUE"
+UNRESOLVED_DIGEST = "sha256:UNRESOLVED"  # in a dry run's cloud-init; a real run reads the pushed image's digest
 # Google's build of the OpenTelemetry Collector: scrapes the metrics on the VM into Managed Prometheus.
 COLLECTOR_IMAGE = (
     "us-docker.pkg.dev/cloud-ops-agents-artifacts/google-cloud-opentelemetry-collector/otelcol-google:0.160.0"
@@ -37,7 +44,8 @@ class Config:
     tag: str = "latest"
     machine_type: str = "e2-standard-2"
     memory: str = "4g"  # the container's limit; e2-standard-2 has 8 GB (docker/README.md, "Memory")
-    network: str = "default"
+    cpus: str = "1.8"  # the container's CPU limit: e2-standard-2's 2 vCPUs less room for Docker and the collector
+    network: str = ""  # an existing VPC network; empty: a dedicated one, {name}-net
     torch_index_url: str = CPU_INDEX
     base_image: str = ""  # the Dockerfile's base for Cloud Build, ideally pinned by digest (default: its tag)
     build: bool = True
@@ -60,7 +68,7 @@ class Config:
     keep_images: bool = False
     # rollouts (deploy/rollout.py)
     regional: bool = False  # the group spreads its VMs over the region's zones
-    digest: str = ""  # sha256:... of the pushed image: VMs pull exactly that image
+    digest: str = ""  # sha256:... of the pushed image (rollout.resolve_digest): the VMs run the image by it
     template: str = ""  # the instance template of this image, model and configuration (rollout.template_name)
     model_version: str = ""  # the archive's model version (v<registered>-<sha12>), a label of the VMs
     alert_webhook: str = ""  # the Alertmanager's webhook receiver on the VMs (monitoring/alertmanager.yml)
@@ -82,12 +90,17 @@ class Config:
 
     @property
     def image_ref(self) -> str:
-        """What the VMs run: the image by digest once it is known (the tag stays, for people to read)."""
-        return f"{self.image}@{self.digest}" if self.digest else self.image
+        """What the VMs run: the image by its digest, which (unlike a tag) cannot be moved to another image. The
+        digest is read from the registry right after the build (rollout.resolve_digest); never the tag."""
+        return f"{self.image.rsplit(':', 1)[0]}@{self.digest or UNRESOLVED_DIGEST}"
 
     @property
     def mig_scope(self) -> str:
         return f"--region={self.region}" if self.regional else f"--zone={self.zone}"
+
+    @property
+    def vpc(self) -> str:
+        return self.network or self.res("net")
 
     @property
     def service_account(self) -> str:
@@ -155,6 +168,32 @@ def build_commands(cfg: Config) -> list[Step]:
     return steps
 
 
+def digest_command(cfg: Config) -> list[str]:
+    """The pushed image's digest (deploy/rollout.py resolve_digest runs it right after the build)."""
+    return gcloud(cfg, "artifacts", "docker", "images", "describe", cfg.image, "--format=value(image_summary.digest)")
+
+
+def network_commands(cfg: Config) -> list[Step]:
+    """A network of the VMs' own (unless --network names one): no default rules that admit anything."""
+    if cfg.network:
+        return []
+    return [
+        *ensure(
+            cfg,
+            ["compute", "networks", "describe", cfg.vpc],
+            ["compute", "networks", "create", cfg.vpc, "--subnet-mode=custom"],
+            f"a dedicated VPC network {cfg.vpc}: none of the default network's allow-internal/allow-ssh rules",
+        ),
+        *ensure(
+            cfg,
+            ["compute", "networks", "subnets", "describe", cfg.res("subnet"), f"--region={cfg.region}"],
+            ["compute", "networks", "subnets", "create", cfg.res("subnet"), f"--network={cfg.vpc}",
+             f"--region={cfg.region}", f"--range={SUBNET_RANGE}", "--enable-private-ip-google-access"],
+            "",
+        ),
+    ]  # fmt: skip
+
+
 def service_account_commands(cfg: Config) -> list[Step]:
     """The VMs' own identity: logs, metrics and image pulls, and nothing else (not the default account)."""
     member = f"--member=serviceAccount:{cfg.service_account}"
@@ -182,7 +221,8 @@ def vm_flags(cfg: Config, user_data: str) -> list[str]:
     """What the instance template and the demo VM share: COS, the cloud-init, the tag, the identity."""
     return [
         f"--machine-type={cfg.machine_type}",
-        f"--network={cfg.network}",
+        f"--network={cfg.vpc}",
+        *([] if cfg.network else [f"--subnet={cfg.res('subnet')}"]),
         # Container-Optimized OS runs the containers from cloud-init + systemd; the old create-with-container
         # agent (konlet) is deprecated.
         "--image-family=cos-stable",
@@ -192,21 +232,35 @@ def vm_flags(cfg: Config, user_data: str) -> list[str]:
         f"--service-account={cfg.service_account}",
         f"--scopes={VM_SCOPES}",
         f"--metadata-from-file=user-data={user_data}",
+        f"--metadata={VM_METADATA}",
         "--shielded-secure-boot",
         "--shielded-vtpm",
         "--shielded-integrity-monitoring",
     ]
 
 
-def firewall(cfg: Config, rule: str, ports: str, ranges: str, description: str, note: str) -> list[Step]:
+def firewall(cfg: Config, rule: str, ports: str, ranges: str, description: str, note: str, *,
+             action: str = "ALLOW", priority: int = ALLOW_PRIORITY) -> list[Step]:  # fmt: skip
     return ensure(
         cfg,
         ["compute", "firewall-rules", "describe", rule],
-        ["compute", "firewall-rules", "create", rule, f"--network={cfg.network}", "--direction=INGRESS",
-         "--action=ALLOW", f"--rules={ports}", f"--target-tags={cfg.name}", f"--source-ranges={ranges}",
-         f"--description={description}"],
+        ["compute", "firewall-rules", "create", rule, f"--network={cfg.vpc}", "--direction=INGRESS",
+         f"--action={action}", f"--rules={ports}", f"--target-tags={cfg.name}", f"--source-ranges={ranges}",
+         f"--priority={priority}", f"--description={description}"],
         note,
     )  # fmt: skip
+
+
+def ssh_and_deny_rules(cfg: Config) -> list[Step]:
+    """SSH through IAP only, then a deny of all else for the VMs: what the rules above do not admit stays out,
+    whatever else the network allows (a default network's allow-internal and allow-ssh)."""
+    return [
+        *firewall(cfg, cfg.res("allow-iap-ssh"), "tcp:22", IAP_TCP_RANGE, "SSH through IAP TCP forwarding",
+                  "firewall: SSH only through IAP (gcloud compute ssh/scp --tunnel-through-iap), e.g. for the drift log"),
+        *firewall(cfg, cfg.res("deny-all"), "all", "0.0.0.0/0", "everything the rules above do not admit",
+                  f"firewall: deny all other ingress to the VMs, at priority {DENY_PRIORITY}, above any rule of the "
+                  "network that would admit more", action="DENY", priority=DENY_PRIORITY),
+    ]  # fmt: skip
 
 
 # -------------------------------------------------------------------------------------------- deploy
@@ -222,11 +276,12 @@ def secure_commands(cfg: Config, user_data: str) -> list[Step]:
     return [
         *build_commands(cfg),
         *service_account_commands(cfg),
-        # ---- network: no public addresses; outbound through Cloud NAT (image pulls, Google APIs)
+        # ---- network: its own, no public addresses; outbound through Cloud NAT (image pulls, Google APIs)
+        *network_commands(cfg),
         *ensure(
             cfg,
             ["compute", "routers", "describe", cfg.res("router"), f"--region={cfg.region}"],
-            ["compute", "routers", "create", cfg.res("router"), f"--network={cfg.network}", f"--region={cfg.region}"],
+            ["compute", "routers", "create", cfg.res("router"), f"--network={cfg.vpc}", f"--region={cfg.region}"],
             "Cloud Router + Cloud NAT: outbound access for VMs that have no public address",
         ),
         *ensure(
@@ -240,8 +295,7 @@ def secure_commands(cfg: Config, user_data: str) -> list[Step]:
         *firewall(cfg, cfg.res("allow-lb"), f"tcp:{PORT}", lb_ranges,
                   "Google load balancer proxies and health checkers to gtsrb-serve",
                   f"firewall: tcp:{PORT} from Google's load-balancer and health-check ranges only"),
-        *firewall(cfg, cfg.res("allow-iap-ssh"), "tcp:22", IAP_TCP_RANGE, "SSH through IAP TCP forwarding",
-                  "firewall: SSH only through IAP (gcloud compute ssh/scp --tunnel-through-iap), e.g. for the drift log"),
+        *ssh_and_deny_rules(cfg),
         # ---- the VMs
         *ensure(
             cfg,
@@ -249,8 +303,17 @@ def secure_commands(cfg: Config, user_data: str) -> list[Step]:
             ["compute", "health-checks", "create", "http", cfg.res("hc"), "--global", f"--port={PORT}",
              f"--request-path={READY_PATH}", "--check-interval=10s", "--timeout=5s", "--healthy-threshold=2",
              "--unhealthy-threshold=3"],
-            f"health check: GET {READY_PATH} on {PORT}, 200 only while the model is READY (not /ping, which stays "
-            "Healthy when the workers are gone)",
+            f"health check for routing: GET {READY_PATH} on {PORT}, 200 while a worker of the model is READY (not "
+            "/ping, which stays Healthy when the workers are gone)",
+        ),
+        *ensure(
+            cfg,
+            ["compute", "health-checks", "describe", cfg.res("hc-autoheal"), "--global"],
+            ["compute", "health-checks", "create", "http", cfg.res("hc-autoheal"), "--global", f"--port={PORT}",
+             f"--request-path={READY_PATH}", "--check-interval=30s", "--timeout=10s", "--healthy-threshold=1",
+             "--unhealthy-threshold=10"],
+            "health check for autohealing, more lenient: a VM is recreated after 5 minutes without a READY worker, "
+            "not after a worker restart (seconds) or a container restart (a minute)",
         ),
         # The template names its image digest, model and configuration (deploy/rollout.py): a new one is a new
         # template, rolled out by the canary steps after these; the same one is found and reused.
@@ -266,10 +329,10 @@ def secure_commands(cfg: Config, user_data: str) -> list[Step]:
             ["compute", "instance-groups", "managed", "describe", cfg.res("mig"), cfg.mig_scope],
             ["compute", "instance-groups", "managed", "create", cfg.res("mig"), cfg.mig_scope,
              f"--template={cfg.template or cfg.res('template')}", f"--size={cfg.size}", f"--base-instance-name={cfg.name}",
-             f"--health-check={cfg.res('hc')}", f"--initial-delay={cfg.initial_delay}"],
-            f"managed instance group ({'regional' if cfg.regional else 'zonal'}); autohealing recreates a VM whose model "
-            f"is not READY, after a {cfg.initial_delay} s grace period for boot, image pull and model load. An existing "
-            "group keeps its template here: the canary steps at the end move it",
+             f"--health-check={cfg.res('hc-autoheal')}", f"--initial-delay={cfg.initial_delay}"],
+            f"managed instance group ({'regional' if cfg.regional else 'zonal'}); autohealing recreates a VM with no "
+            f"READY worker for 5 minutes, after a {cfg.initial_delay} s grace period for boot, image pull and model "
+            "load. An existing group keeps its template here: the canary steps at the end move it",
         ),
         Step(
             gcloud(cfg, "compute", "instance-groups", "managed", "set-named-ports", cfg.res("mig"), cfg.mig_scope,
@@ -358,9 +421,11 @@ def demo_commands(cfg: Config, user_data: str) -> list[Step]:
     return [
         *build_commands(cfg),
         *service_account_commands(cfg),
+        *network_commands(cfg),
         *firewall(cfg, cfg.res("demo-allow-8080"), f"tcp:{PORT}", cfg.source_ranges,
                   "gtsrb-serve public HTTP demo: inference API only",
                   f"PUBLIC DEMO firewall: plain HTTP on tcp:{PORT} from {cfg.source_ranges}, no authentication"),
+        *ssh_and_deny_rules(cfg),
         *ensure(
             cfg,
             ["compute", "instances", "describe", cfg.res("demo"), f"--zone={cfg.zone}"],
@@ -417,13 +482,19 @@ def teardown_commands(cfg: Config) -> list[Step]:
         delete("compute", "security-policies", "delete", cfg.res("armor")),
         delete("compute", "instance-groups", "managed", "delete", cfg.res("mig"), cfg.mig_scope),  # + its autoscaler
         # the group's templates, one per rollout: deploy/rollout.py lists and deletes them after these steps
+        delete("compute", "health-checks", "delete", cfg.res("hc-autoheal"), "--global"),
         delete("compute", "health-checks", "delete", cfg.res("hc"), "--global"),
+        delete("compute", "instances", "delete", cfg.res("demo"), zone),
+        delete("compute", "firewall-rules", "delete", cfg.res("deny-all")),
         delete("compute", "firewall-rules", "delete", cfg.res("allow-iap-ssh")),
         delete("compute", "firewall-rules", "delete", cfg.res("allow-lb")),
+        delete("compute", "firewall-rules", "delete", cfg.res("demo-allow-8080")),
         delete("compute", "routers", "nats", "delete", cfg.res("nat"), f"--router={cfg.res('router')}", region),
         delete("compute", "routers", "delete", cfg.res("router"), region),
-        delete("compute", "instances", "delete", cfg.res("demo"), zone),
-        delete("compute", "firewall-rules", "delete", cfg.res("demo-allow-8080")),
+        *([] if cfg.network else [
+            delete("compute", "networks", "subnets", "delete", cfg.res("subnet"), region),
+            delete("compute", "networks", "delete", cfg.vpc),
+        ]),
         delete("artifacts", "repositories", "remove-iam-policy-binding", cfg.repo, f"--location={cfg.region}",
                member, f"--role={VM_REPO_ROLE}"),
         *[delete("projects", "remove-iam-policy-binding", cfg.project, member, f"--role={role}", "--condition=None")
@@ -448,8 +519,7 @@ def instances_command(cfg: Config) -> list[str]:
 
 def copy_log_command(cfg: Config, instance: str, dest: str) -> Step:
     """The input-statistics logs of one VM (rotated ones too) into dest/INSTANCE/, over SSH through IAP."""
-    tunnel = [] if cfg.public_http_demo else ["--tunnel-through-iap"]
-    return Step(gcloud(cfg, "compute", "scp", f"--zone={cfg.zone}", *tunnel,
+    return Step(gcloud(cfg, "compute", "scp", f"--zone={cfg.zone}", "--tunnel-through-iap",
                        f"{instance}:{LOG_DIR}/gtsrb_inputs.jsonl*", f"{dest}/{instance}/"))  # fmt: skip
 
 

@@ -51,8 +51,8 @@ def render_cloud_init(cfg: Config) -> str:
     from deploy.commands import COLLECTOR_IMAGE
 
     return Template(CLOUD_INIT.read_text()).substitute(
-        image=cfg.image_ref, registry_host=cfg.registry_host, memory=cfg.memory, collector_image=COLLECTOR_IMAGE,
-        **vm_monitoring.substitutions(cfg),
+        image=cfg.image_ref, registry_host=cfg.registry_host, memory=cfg.memory, cpus=cfg.cpus,
+        collector_image=COLLECTOR_IMAGE, **vm_monitoring.substitutions(cfg),
     )  # fmt: skip
 
 
@@ -200,7 +200,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds a new VM gets to boot and load the model (default: %(default)s)")  # fmt: skip
     d.add_argument("--machine-type", default="e2-standard-2", help="default: %(default)s")
     d.add_argument("--memory", default="4g", help="the container's memory limit (default: %(default)s)")
-    d.add_argument("--network", default="default", help="VPC network (default: %(default)s)")
+    d.add_argument("--cpus", default="1.8", help="the container's CPU limit (default: %(default)s)")
+    d.add_argument("--network", default="", help="an existing VPC network (default: a dedicated one, NAME-net)")
     d.add_argument("--torch-index-url", default=Config.torch_index_url, help="pip index for torch in the image")
     d.add_argument("--base-image", default="", help="the image's base for Cloud Build, e.g. debian:TAG@sha256:DIGEST")
     d.add_argument("--no-build", dest="build", action="store_false",

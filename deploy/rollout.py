@@ -6,9 +6,10 @@
 The template's name says what it runs: `<name>-tpl-<model version>-<hash>`, the hash over the rendered cloud-init
 (which holds the image digest) and the VM flags, so the same image, model and settings make the same template
 (a rerun changes nothing) and anything new makes a new one. The canary is one VM of the new template
-(`rolling-action start-update --canary-version=template=NEW,target-size=1`); it must be HEALTHY in the load
-balancer's health check (model READY) and, after a soak, its error ratio and mean latency in Managed Service for
-Prometheus must stay under the thresholds of monitoring/alerts.yml (GTSRBServerErrors, GTSRBMeanLatencyHigh).
+(`rolling-action start-update --canary-version=template=NEW,target-size=1`); it must be HEALTHY in the group's
+health check (`-hc-autoheal`: GET /ready, a worker of the model READY) and, after a soak, its error ratio and
+mean latency in Managed Service for Prometheus must stay under the thresholds of monitoring/alerts.yml
+(GTSRBServerErrors, GTSRBMeanLatencyHigh).
 A failed check puts the canary back on the previous template and stops; otherwise the whole group moves.
 """
 
@@ -25,7 +26,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy.commands import Config, gcloud
+from deploy.commands import UNRESOLVED_DIGEST, Config, digest_command, gcloud
 
 TEMPLATE_INFIX = "tpl"
 GMP_API = "https://monitoring.googleapis.com/v1/projects/{project}/location/global/prometheus"
@@ -71,17 +72,13 @@ def call(argv: list[str], check: bool = True) -> str:
     return r.stdout.strip() if r.returncode == 0 else ""
 
 
-def digest_command(cfg: Config) -> list[str]:
-    return gcloud(cfg, "artifacts", "docker", "images", "describe", cfg.image, "--format=value(image_summary.digest)")
-
-
 def resolve_digest(cfg: Config, dry_run: bool) -> str:
     """sha256:... of the image just pushed under its tag: the VMs pull by digest, so a tag moved later changes
     nothing that runs."""
     print("# the pushed image's digest: the VMs run exactly that image, whatever the tag points at later")
     if dry_run:
         print(shlex.join(digest_command(cfg)))
-        return "sha256:DIGEST"
+        return UNRESOLVED_DIGEST  # a dry run cannot know it: the cloud-init shows @sha256:UNRESOLVED
     digest = call(digest_command(cfg))
     if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
         sys.exit(f"error: no digest for {cfg.image} (got {digest!r}): was it pushed?")
@@ -149,7 +146,7 @@ def query(url: str, expr: str, token: str) -> float | None:
 def canary_problems(cfg: Config, checks: Checks, canary: str, health: str) -> list[str]:
     """What is wrong with the canary VM: not HEALTHY, too many errors, too slow, too little traffic to tell."""
     if health != "HEALTHY":
-        return [f"{canary} is {health or 'not health-checked'} in the load balancer's health check (model not READY)"]
+        return [f"{canary} is {health or 'not health-checked'} in the group's health check (no READY worker)"]
     print(f"# {canary} is HEALTHY; it serves for {checks.soak_s} s before its metrics are read", flush=True)
     time.sleep(checks.soak_s)
     token = call(gcloud(cfg, "auth", "print-access-token")[:-1])  # no --project for auth
@@ -175,7 +172,7 @@ def print_plan(cfg: Config, template: str, checks: Checks) -> None:
     print(shlex.join(current_template_command(cfg)))
     print(shlex.join(update_command(cfg, "CURRENT", canary=template)))
     print(shlex.join(wait_command(cfg, checks)))
-    print("# the canary (the VM on the new template) must be HEALTHY: model READY behind the load balancer")
+    print("# the canary (the VM on the new template) must be HEALTHY in the group's health check: model READY")
     print(shlex.join(instances_command(cfg)))
     url = metrics_url(cfg, checks)
     print(f"# after {checks.soak_s} s, its 5xx ratio (<= {checks.max_error_ratio:g}) and mean latency "

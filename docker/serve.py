@@ -3,7 +3,7 @@
     python3 docker/serve.py          # the image's CMD (under tini); GTSRB_HOME is where the files are
 
 It starts TorchServe (inference on 127.0.0.1:8079) and HAProxy (:8080, docker/haproxy.cfg), and answers
-HAProxy's health check on 127.0.0.1:8086/ready with tools/torchserve_ctl.py's readiness (all workers READY).
+HAProxy's health check on 127.0.0.1:8086/ready with tools/torchserve_ctl.py's readiness (a worker READY).
 On SIGTERM or SIGINT (`docker stop`, Ctrl-C) it drains: HAProxy's soft stop stops accepting connections and
 waits for the requests in flight; then TorchServe is stopped. TorchServe alone would cut those requests: its
 frontend closes every client connection when it gets SIGTERM. If either server dies, the other is stopped
@@ -23,9 +23,11 @@ import psutil
 
 HOME = Path(os.environ.get("GTSRB_HOME", Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(HOME))
-from tools.torchserve_ctl import model_status  # noqa: E402
+from tools.torchserve_ctl import model_status, read_properties  # noqa: E402
 
 MANAGEMENT = os.environ.get("TS_MANAGEMENT_ADDRESS", "http://127.0.0.1:8081")
+# TorchServe's workflow store: an empty, read-only folder of the image (TorchServe's default is the model store).
+WORKFLOW_STORE = HOME / "workflow_store"
 PROBE = ("127.0.0.1", 8086)  # haproxy.cfg: `check port 8086`
 DRAIN_S = 40  # HAProxy cuts what is left after hard-stop-after (35 s)
 STOP_S = 30  # TorchServe's own shutdown (closing the listeners and the workers) takes ~3 s
@@ -39,7 +41,8 @@ def torchserve() -> subprocess.Popen:
     cmd = [
         "torchserve", "--foreground", "--ncs", "--disable-token-auth",
         "--ts-config", str(HOME / "config.properties"), "--log-config", str(HOME / "log4j2.xml"),
-        "--model-store", str(HOME / "model_store"), "--models", "gtsrb=gtsrb.mar",
+        "--model-store", str(HOME / "model_store"), "--workflow-store", str(WORKFLOW_STORE),
+        "--models", "gtsrb=gtsrb.mar",
     ]  # fmt: skip
     env = {"TS_INFERENCE_ADDRESS": "http://127.0.0.1:8079", **os.environ}
     # Own session: a Ctrl-C on the terminal reaches this process only, which then stops the servers in order.
@@ -48,8 +51,10 @@ def torchserve() -> subprocess.Popen:
 
 def haproxy() -> subprocess.Popen:
     cfg = HOME / "docker" / "haproxy.cfg"
-    return subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], env={**os.environ, "GTSRB_HOME": str(HOME)},
-                            start_new_session=True)  # fmt: skip
+    # HAProxy refuses bodies over TorchServe's own limit before TorchServe reads them: one definition for both.
+    limit = os.environ.get("TS_MAX_REQUEST_SIZE") or read_properties(HOME / "config.properties")["max_request_size"]
+    env = {**os.environ, "GTSRB_HOME": str(HOME), "MAX_REQUEST_SIZE": limit}
+    return subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], env=env, start_new_session=True)
 
 
 class Probe(BaseHTTPRequestHandler):

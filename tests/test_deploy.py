@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PROJECT, ZONE, TAG, DOMAIN = "demo-proj-123", "europe-west1-b", "abc1234", "signs.example.com"
 MEMBER = "serviceAccount:client@demo-proj-123.iam.gserviceaccount.com"
 IMAGE = f"europe-west1-docker.pkg.dev/{PROJECT}/gtsrb/gtsrb-serve:{TAG}"
+DIGEST = "sha256:" + "ab" * 32
+BY_DIGEST = f"europe-west1-docker.pkg.dev/{PROJECT}/gtsrb/gtsrb-serve@{DIGEST}"
 SA = f"gtsrb-serve-vm@{PROJECT}.iam.gserviceaccount.com"
 LB_RANGES = {"130.211.0.0/22", "35.191.0.0/16"}
 SECURE = ("--domain", DOMAIN, "--iap-member", MEMBER)
@@ -46,6 +48,8 @@ REFERENCES = {
     "--security-policy": "compute security-policies",
     "--router": "compute routers",
     "--service-account": "iam service-accounts",
+    "--network": "compute networks",
+    "--subnet": "compute networks subnets",
 }
 
 
@@ -166,12 +170,12 @@ def test_the_secure_default_needs_a_domain_and_keeps_demo_options_apart():
 def test_only_https_through_the_load_balancer_reaches_the_vms(runs):
     run = runs["deploy"]
     rules = {resource(r)[2]: flags(r) for r in run.find("compute", "firewall-rules", "create")}
-    assert set(rules) == {"gtsrb-serve-allow-lb", "gtsrb-serve-allow-iap-ssh"}
+    assert set(rules) == {"gtsrb-serve-allow-lb", "gtsrb-serve-allow-iap-ssh", "gtsrb-serve-deny-all"}
     lb, ssh = rules["gtsrb-serve-allow-lb"], rules["gtsrb-serve-allow-iap-ssh"]
     assert (lb["--rules"], set(lb["--source-ranges"].split(","))) == ("tcp:8080", LB_RANGES)
     assert (ssh["--rules"], ssh["--source-ranges"]) == ("tcp:22", "35.235.240.0/20")  # IAP TCP forwarding only
     assert all(r["--direction"] == "INGRESS" and r["--target-tags"] == "gtsrb-serve" for r in rules.values())
-    assert "0.0.0.0/0" not in run.out
+    assert [n for n, r in rules.items() if "0.0.0.0/0" in r["--source-ranges"]] == ["gtsrb-serve-deny-all"]
     # The VMs have no public address; they go out through Cloud NAT.
     template = flags(run.one("compute", "instance-templates", "create"))
     assert template["--no-address"] is True and template["--tags"] == "gtsrb-serve"
@@ -186,6 +190,35 @@ def test_only_https_through_the_load_balancer_reaches_the_vms(runs):
     assert (tls["--profile"], tls["--min-tls-version"]) == ("MODERN", "1.2")
     proxy = flags(run.one("compute", "target-https-proxies", "create"))
     assert (proxy["--ssl-certificates"], proxy["--ssl-policy"]) == ("gtsrb-serve-cert", "gtsrb-serve-tls")
+
+
+def test_the_vms_network_admits_nothing_else_and_login_is_by_os_login(runs):
+    """ "LB ranges only" holds whatever the network allows: the VMs get a network of their own (no default
+    allow-internal/allow-ssh), and on a network given with --network (the default one, say) a deny of all other
+    ingress for their tag outranks its rules. SSH is by IAM identity (OS Login), project-wide keys blocked."""
+    for name in ("deploy", "demo"):
+        run = runs[name]
+        net = run.one("compute", "networks", "create")
+        assert resource(net)[2] == "gtsrb-serve-net" and flags(net)["--subnet-mode"] == "custom"
+        subnet = flags(run.one("compute", "networks", "subnets", "create"))
+        assert subnet["--network"] == "gtsrb-serve-net" and subnet["--enable-private-ip-google-access"] is True
+        rules = {resource(r)[2]: flags(r) for r in run.find("compute", "firewall-rules", "create")}
+        deny = rules.pop("gtsrb-serve-deny-all")
+        assert (deny["--action"], deny["--rules"], deny["--source-ranges"]) == ("DENY", "all", "0.0.0.0/0")
+        assert all(r["--action"] == "ALLOW" and int(r["--priority"]) < int(deny["--priority"]) for r in rules.values())
+        assert int(deny["--priority"]) < 65534  # the default network's allow-internal and allow-ssh
+        assert all(r["--network"] == "gtsrb-serve-net" for r in [deny, *rules.values()])
+        vm = flags(
+            (run.find("compute", "instance-templates", "create") or run.find("compute", "instances", "create"))[0]
+        )
+        assert (vm["--network"], vm["--subnet"]) == ("gtsrb-serve-net", "gtsrb-serve-subnet")
+        assert set(vm["--metadata"].split(",")) == {"enable-oslogin=TRUE", "block-project-ssh-keys=TRUE"}
+    existing = DryRun("deploy", *SECURE, "--network", "default")
+    existing.user_data.unlink()
+    assert not existing.find("compute", "networks", "create") and not existing.find("compute", "networks", "subnets")
+    rules = [flags(r) for r in existing.find("compute", "firewall-rules", "create")]
+    assert {r["--network"] for r in rules} == {"default"} and "DENY" in {r["--action"] for r in rules}
+    assert "--subnet" not in flags(existing.one("compute", "instance-templates", "create"))
 
 
 def test_callers_are_authenticated_by_iap_and_rate_limited_by_cloud_armor(runs):
@@ -232,17 +265,28 @@ def test_vms_run_as_a_dedicated_service_account_with_only_the_roles_they_need(ru
 
 
 def test_health_checks_ask_for_model_ready_not_ping(runs):
+    """Routing asks /ready (a worker READY); autohealing has its own, lenient check: a VM is recreated only after
+    5 minutes without a READY worker, never for a worker or container restart."""
     run = runs["deploy"]
-    hc = run.one("compute", "health-checks", "create")
-    assert hc[3:5] == ["create", "http"] and (flags(hc)["--port"], flags(hc)["--request-path"]) == ("8080", "/ready")
+    checks = {resource(hc)[2]: hc for hc in run.find("compute", "health-checks", "create")}
+    assert set(checks) == {"gtsrb-serve-hc", "gtsrb-serve-hc-autoheal"}
+    for hc in checks.values():
+        assert hc[3:5] == ["create", "http"]
+        assert (flags(hc)["--port"], flags(hc)["--request-path"]) == ("8080", "/ready")
     assert "/ping" not in " ".join(" ".join(c) for c in run.commands)
     # /ready is what HAProxy answers from the model's readiness (docker/haproxy.cfg, tested in test_container).
     assert "if { path /ready } { nbsrv(torchserve) ge 1 }" in (ROOT / "docker" / "haproxy.cfg").read_text()
-    name = resource(hc)[2]
+
+    def seconds_to_unhealthy(hc) -> int:
+        f = flags(hc)
+        return int(f["--check-interval"].rstrip("s")) * int(f["--unhealthy-threshold"])
+
+    assert seconds_to_unhealthy(checks["gtsrb-serve-hc"]) == 30
+    assert seconds_to_unhealthy(checks["gtsrb-serve-hc-autoheal"]) >= 300
     mig = flags(run.one("compute", "instance-groups", "managed", "create"))
-    assert mig["--health-check"] == name and int(mig["--initial-delay"]) >= 120  # boot + pull + model load
+    assert mig["--health-check"] == "gtsrb-serve-hc-autoheal" and int(mig["--initial-delay"]) >= 120
     backend = flags(run.one("compute", "backend-services", "create"))
-    assert backend["--health-checks"] == name and backend["--connection-draining-timeout"] == "60"
+    assert backend["--health-checks"] == "gtsrb-serve-hc" and backend["--connection-draining-timeout"] == "60"
 
 
 def test_each_resource_is_created_before_it_is_used(runs):
@@ -276,8 +320,10 @@ def test_each_resource_is_created_before_it_is_used(runs):
 def test_public_http_demo_is_one_public_vm_behind_an_explicit_flag(runs):
     run = runs["demo"]
     assert "PUBLIC DEMO" in run.out
-    (rule,) = run.find("compute", "firewall-rules", "create")
-    assert (flags(rule)["--rules"], flags(rule)["--source-ranges"]) == ("tcp:8080", "0.0.0.0/0")
+    rules = {resource(r)[2]: flags(r) for r in run.find("compute", "firewall-rules", "create")}
+    assert set(rules) == {"gtsrb-serve-demo-allow-8080", "gtsrb-serve-allow-iap-ssh", "gtsrb-serve-deny-all"}
+    rule = rules["gtsrb-serve-demo-allow-8080"]
+    assert (rule["--rules"], rule["--source-ranges"]) == ("tcp:8080", "0.0.0.0/0")
     vm = flags(run.one("compute", "instances", "create"))
     assert "--no-address" not in vm and (vm["--image-family"], vm["--image-project"]) == ("cos-stable", "cos-cloud")
     for absent in ("forwarding-rules", "routers", "security-policies", "backend-services", "instance-templates"):
@@ -285,7 +331,8 @@ def test_public_http_demo_is_one_public_vm_behind_an_explicit_flag(runs):
     assert "iap.googleapis.com" not in run.one("services", "enable")
     narrowed = DryRun("deploy", "--public-http-demo", "--source-ranges", "203.0.113.0/24")
     narrowed.user_data.unlink()
-    assert flags(narrowed.one("compute", "firewall-rules", "create"))["--source-ranges"] == "203.0.113.0/24"
+    demo_rule = [r for r in narrowed.find("compute", "firewall-rules", "create") if "tcp:8080" in " ".join(r)]
+    assert [flags(r)["--source-ranges"] for r in demo_rule] == ["203.0.113.0/24"]
     assert "curl -T sign.png http://$IP:8080/predictions/gtsrb" in run.out
 
 
@@ -323,10 +370,17 @@ def test_default_tag_is_the_git_commit():
 
 def test_shared_resources_are_created_only_when_missing(runs):
     run = runs["deploy"]
-    for kind in (("artifacts", "repositories"), ("iam", "service-accounts"), ("compute", "health-checks"),
-                 ("compute", "routers")):  # fmt: skip
-        describe, create = run.index(*kind, "describe"), run.index(*kind, "create")
-        assert create == describe + 1, kind  # the runner skips the create when the describe succeeds
+    made = {resource(c)[::2] for c in run.commands if resource(c)[1] == "create"}
+    probed = set()
+    for i, argv in enumerate(run.commands):
+        # A describe with --format reads a value (the image's digest, the group's template); the others probe.
+        if resource(argv)[1] == "describe" and not any(a.startswith("--format=") for a in argv):
+            create = run.commands[i + 1]  # the runner skips the create when the describe succeeds
+            assert resource(create)[::2] == resource(argv)[::2] and resource(create)[1] == "create", argv
+            probed.add(resource(argv)[::2])
+    for kind in ("artifacts repositories", "iam service-accounts", "compute health-checks", "compute routers",
+                 "compute networks", "compute firewall-rules"):  # fmt: skip
+        assert {m for m in made if m[0] == kind} <= probed, kind
     assert "created only if this describe fails" in run.out
 
 
@@ -377,11 +431,20 @@ def test_teardown_deletes_in_reverse_order_of_creation(runs):
 def test_rendered_cloud_init_runs_the_container_bounded_and_without_metadata_access(runs):
     text = runs["deploy"].user_data.read_text()
     assert text.splitlines()[0] == "#cloud-config"
-    assert "$image" not in text and "$registry_host" not in text and "$memory" not in text
+    assert not re.search(r"\$(image|registry_host|memory|cpus|collector_image)\b", text)
     files = runs["deploy"].cloud_init()
     service = files["/etc/systemd/system/gtsrb.service"]
     argv = docker_run_argv(service)
-    assert argv[:2] == ["/usr/bin/docker", "run"] and argv[-1] == f"{IMAGE}@sha256:DIGEST"  # by digest
+    # By digest; a dry run cannot know it (a real run reads it: test_real_deploy_reuses_what_exists_and_cleans_up).
+    assert argv[:2] == ["/usr/bin/docker", "run"] and argv[-1] == f"{IMAGE.rsplit(':', 1)[0]}@sha256:UNRESOLVED"
+    # Locked down, with the flags docker/run.sh gives make docker-run (the container tests run those).
+    locked = {"--read-only", "--cap-drop=ALL", "--security-opt=no-new-privileges", "--pids-limit=512", "--cpus=1.8",
+              "--tmpfs=/home/model-server/tmp:rw,nosuid,nodev,exec,size=256m,uid=10001,gid=0",
+              "--tmpfs=/tmp:rw,nosuid,nodev,noexec,size=64m"}  # fmt: skip
+    assert locked <= set(argv)
+    run_sh = (ROOT / "docker" / "run.sh").read_text()
+    for flag in locked - {"--cpus=1.8"}:
+        assert flag.replace("=", " ", 1) in run_sh or flag in run_sh, flag
     published = [argv[i + 1] for i, a in enumerate(argv) if a in ("-p", "--publish")]
     # 8080 for the load balancer; the metrics only on the VM's loopback, for the collector on the VM.
     assert published == ["8080:8080", "127.0.0.1:8082:8082"] and "TS_METRICS_ADDRESS=http://0.0.0.0:8082" in argv
@@ -451,8 +514,8 @@ for a in "$@"; do
   case "$a" in --metadata-from-file=user-data=*) cp "${a#--metadata-from-file=user-data=}" "$FAKE_LOG.user-data" || exit 9;; esac
 done
 case "$*" in *"--format=get(address)"*) echo 203.0.113.7; exit 0;; esac
+case "$*" in *"docker images describe"*) echo "sha256:$(printf 'ab%.0s' $(seq 32))"; exit 0;; esac
 case "$*" in *"list-instances"*) printf 'gtsrb-serve-ab12\\ngtsrb-serve-cd34\\n'; exit 0;; esac
-case "$*" in *"docker images describe"*) echo "sha256:$(printf '0%.0s' $(seq 64))"; exit 0;; esac
 case "$*" in *"instanceTemplate.basename()"*)
   sed -n 's/.*instance-templates create \\([^ ]*\\).*/\\1/p' "$FAKE_LOG" | tail -1; exit 0;; esac
 if [ -n "$FAKE_FAIL" ]; then case "$*" in *"$FAKE_FAIL"*) echo "fake failure" >&2; exit 7;; esac; fi
@@ -485,7 +548,10 @@ def test_real_deploy_reuses_what_exists_and_cleans_up(fake_gcloud):
     assert any(c.startswith("artifacts repositories create") for c in calls)  # describe failed: created
     (template,) = [c for c in calls if c.startswith("compute instance-templates create")]
     user_data = Path(re.search(r"--metadata-from-file=user-data=(\S+)", template).group(1))
-    assert IMAGE in Path(f"{fake_gcloud.log}.user-data").read_text()  # gcloud could read it during the call
+    # gcloud could read it during the call, with the digest the build's describe returned
+    assert f" {BY_DIGEST}\n" in Path(f"{fake_gcloud.log}.user-data").read_text()
+    digest = next(i for i, c in enumerate(calls) if c.startswith("artifacts docker images describe"))
+    assert calls[digest].split()[4] == IMAGE and digest < calls.index(template)
     assert not user_data.exists()  # and the temp file is gone afterwards
     assert f"point the DNS A record of {DOMAIN} at 203.0.113.7" in r.stdout
     assert f"https://{DOMAIN}/predictions/gtsrb" in r.stdout

@@ -78,10 +78,14 @@ def test_the_drift_report_runs_hourly_from_the_serving_image_into_the_textfile(v
     service = vm["/etc/systemd/system/gtsrb-drift.service"]
     argv = docker_run_argv(service)
     image = argv[argv.index("--entrypoint") + 2]
-    assert image == f"{IMAGE}@sha256:DIGEST"  # the very image (and model reference) the VM serves
+    serving = docker_run_argv(vm["/etc/systemd/system/gtsrb.service"])[-1]
+    # the very image (and model reference) the VM serves, by digest (a dry run cannot know it)
+    assert image == serving == f"{IMAGE.rsplit(':', 1)[0]}@sha256:UNRESOLVED"
     assert argv[argv.index(image) + 1 :] == ["/opt/gtsrb/tools/drift_check.py", "--log", "/logs/gtsrb_inputs.jsonl*",
                                               "--textfile", "/textfile/gtsrb_drift.prom"]  # fmt: skip
     assert "--network=none" in argv and "/var/lib/gtsrb/logs:/logs:ro" in argv
+    # locked down like the server (deploy/cloud-init.yaml, docker/run.sh): it writes the textfile folder only
+    assert {"--read-only", "--cap-drop=ALL", "--security-opt=no-new-privileges"} <= set(argv)
     assert "SuccessExitStatus=1" in service and "Type=oneshot" in service  # drift is a result, not a failure
     assert "OnUnitActiveSec=1h" in vm["/etc/systemd/system/gtsrb-drift.timer"]
     # The image carries the script and the model's reference.

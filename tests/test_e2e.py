@@ -100,7 +100,9 @@ def test_mixed_concurrent_traffic_keeps_workers_alive(server, signs):
 
 
 def test_every_listener_is_on_loopback(server):
-    """Management, metrics and gRPC are reachable from this host only (token auth is off by design)."""
+    """Management, metrics and gRPC are reachable from this host only (token auth is off by design). The test
+    server runs config.properties with only the ports moved (tools.torchserve_ctl.write_config keeps each
+    listener's address), so these are the shipped addresses."""
     port = int(server["management"].rsplit(":", 1)[1])
     java = next(c for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port)
     listening = [c.laddr for c in psutil.Process(java.pid).net_connections("tcp") if c.status == "LISTEN"]
@@ -108,9 +110,21 @@ def test_every_listener_is_on_loopback(server):
     assert len(listening) >= 5 and all(a.ip in loopback for a in listening), listening
 
 
-def test_model_registration_is_disabled(server):
+def test_model_registration_is_disabled(server, tmp_path):
+    """No model can be registered, and no workflow (whose handler would run code) from anywhere: not a remote
+    URL, not a file a local user wrote (allowed_urls admits the image's archive only), not a name (the workflow
+    store is empty)."""
     r = requests.post(f"{server['management']}/models", params={"url": "https://example.com/evil.mar"}, timeout=10)
     assert r.status_code in (400, 403, 405), r.text
+    planted = tmp_path / "model_store" / "evil.mar"  # the old pattern admitted any file:.../model_store/*.mar
+    planted.parent.mkdir()
+    planted.write_bytes(b"PK\x05\x06" + bytes(18))
+    for url in (f"file://{planted}", "file:///tmp/model_store/gtsrb.mar", "https://example.com/evil.war"):
+        r = requests.post(f"{server['management']}/workflows", params={"url": url}, timeout=30)
+        assert r.status_code == 404 and "does not match any allowed URL" in r.json()["message"], (url, r.text)
+    r = requests.post(f"{server['management']}/workflows", params={"url": "evil.war"}, timeout=30)
+    assert r.status_code == 404 and "not found in workflow store" in r.json()["message"], r.text
+    assert requests.get(f"{server['management']}/workflows", timeout=10).json() == {"workflows": []}
     assert worker_pids(server)
 
 

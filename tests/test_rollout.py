@@ -191,7 +191,7 @@ def test_a_new_image_goes_through_a_canary_then_the_whole_group(cloud):
         (
             {"requests": 500, "errors": 0.0, "latency": 20.0},
             "UNHEALTHY",
-            "UNHEALTHY in the load balancer's health check",
+            "UNHEALTHY in the group's health check",
         ),
     ],
 )

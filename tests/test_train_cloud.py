@@ -147,9 +147,18 @@ def test_ci_build_archives_builds_runs_and_smoke_tests_before_it_pushes():
     build = yaml.safe_load((ROOT / train_cloud.CI_BUILD).read_text())
     steps = {s["id"]: s for s in build["steps"]}
     assert list(steps) == ["archive", "build", "run", "smoke"]
-    assert "python -m tools.archive" in steps["archive"]["args"][-1]
-    pin = re.search(r"\^(torch-model-archiver)==", steps["archive"]["args"][-1]).group(1)
-    assert re.search(rf"^{pin}==", (ROOT / "requirements" / "serve.txt").read_text(), re.M)  # one pin, read there
+    script = steps["archive"]["args"][-1]
+    assert "python -m tools.archive" in script
+    # The archiver from its hash lock, nothing else: the pin of serve.txt and the hashes of image-lock.txt.
+    assert "pip install -q --no-deps --require-hashes -r requirements/archiver-lock.txt" in script
+    lock = (ROOT / "requirements" / "archiver-lock.txt").read_text()
+    image_lock = (ROOT / "requirements" / "image-lock.txt").read_text()
+    pinned = re.search(r"^torch-model-archiver==\S+", (ROOT / "requirements" / "serve.txt").read_text(), re.M)[0]
+    assert re.findall(r"^([a-z-]+==\S+)", lock, re.M) == ["enum-compat==0.0.3", pinned]
+    blocks = re.findall(r"^[a-z-]+==\S+ \\\n(?:    --hash=sha256:[0-9a-f]{64}(?: \\\n)?)+", lock, re.M)
+    assert len(blocks) == 2 and all(b.strip() in image_lock for b in blocks), blocks
+    assert steps["archive"]["name"] == steps["smoke"]["name"] == "${_PYTHON_IMAGE}"
+    assert "_PYTHON_IMAGE" in build["substitutions"]
     assert "--tag=${_IMAGE}" in steps["build"]["args"]
     run = steps["run"]["args"]
     assert run[0] == "run" and "--network=cloudbuild" in run and "--name=gtsrb-ci" in run and run[-1] == "${_IMAGE}"

@@ -197,7 +197,9 @@ def test_runs_are_tracked_in_mlflow_and_the_model_is_registered_with_its_lineage
         ["--synthetic", "--teacher", "--epochs", "2", "--batch-size", "32", "--resolution", "32", "--max-steps", "3",
          "--output", str(tmp_path / "runs"), "--register", "gtsrb-test", "--export", str(tmp_path / "m" / "gtsrb.pt")]
     )  # fmt: skip
-    first, second = train.main(args), train.main(args)
+    first = train.main(args)
+    args.export = ""  # the second run is registered too, but not shipped (that is the promotion gate's job)
+    second = train.main(args)
     assert first["run_dir"] != second["run_dir"], "a second run overwrote the first"
     assert (tmp_path / "runs" / "latest").resolve() == Path(second["run_dir"])
     import mlflow
@@ -215,5 +217,9 @@ def test_runs_are_tracked_in_mlflow_and_the_model_is_registered_with_its_lineage
     assert versions[-1]["git_commit"] == second["run"]["git_commit"]
     shipped = json.loads((tmp_path / "m" / "gtsrb_lineage.json").read_text())
     assert (
-        shipped["mlflow_run_id"] == second["mlflow_run_id"] and shipped["registered_version"] == versions[-1]["version"]
+        shipped["mlflow_run_id"] == first["mlflow_run_id"] and shipped["registered_version"] == versions[-2]["version"]
     )
+    champion = client.get_model_version_by_alias("gtsrb-test", tracking.CHAMPION)  # the registry names the shipped one
+    assert str(champion.version) == versions[-2]["version"] and champion.run_id == first["mlflow_run_id"]
+    assert tracking.champion("gtsrb-test")["version"] == versions[-2]["version"]  # what make archive-champion packs
+    assert float(champion.tags["public_test_top1"]) == shipped["evaluation"]["public_test"]["top1"]

@@ -2,11 +2,13 @@
 
     python -m tools.torchserve_ctl start [--config config.properties] [--timeout 120]
     python -m tools.torchserve_ctl stop [--drain-timeout 30]   # waits for no request in flight, then stops
-    python -m tools.torchserve_ctl status [--quiet]   # exit 0 only when the model's workers are READY
+    python -m tools.torchserve_ctl status [--quiet]   # exit 0 while at least one of the model's workers is READY
 
 TorchServe's /ping answers "Healthy" even when the model failed to load, so readiness is read from
-the management API: the model's workers must be READY. serving() is the whole lifecycle on free ports
-(start, wait READY, always stop), used by the benchmark and the soak test.
+the management API. Ready (traffic may be sent) means at least one worker READY: while TorchServe restarts
+a dead worker the other keeps answering, so readiness degrades instead of flapping. A start waits for all
+of them. serving() is the whole lifecycle on free ports (start, wait READY, always stop), used by the
+benchmark and the soak test.
 """
 
 import argparse
@@ -21,6 +23,7 @@ import sys
 import time
 import typing
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -77,10 +80,12 @@ def free_ports() -> dict[str, int]:
 
 def write_config(src: Path | None, dst: Path, ports: dict[str, int], extra: dict | None = None) -> dict[str, str]:
     """Write ``dst``: a copy of the config.properties ``src`` (None: an empty one) with every listener moved
-    to ``ports`` (keys: PORT_NAMES) and the ``extra`` settings; a key the file lacks is appended.
-    Returns the HTTP urls {"inference", "management", "metrics"}."""
+    to ``ports`` (keys: PORT_NAMES), on the address ``src`` gives it (127.0.0.1 if none), and the ``extra``
+    settings; a key the file lacks is appended. Returns the HTTP urls {"inference", "management", "metrics"}."""
     http = ("inference", "management", "metrics")
-    settings = {f"{k}_address": f"http://127.0.0.1:{ports[k]}" for k in http}
+    props = read_properties(src) if src else {}
+    hosts = {k: urllib.parse.urlsplit(props.get(f"{k}_address", "")).hostname or "127.0.0.1" for k in http}
+    settings = {f"{k}_address": f"http://{hosts[k]}:{ports[k]}" for k in http}
     settings |= {"grpc_inference_port": ports["grpc_inference"], "grpc_management_port": ports["grpc_management"]}
     settings |= extra or {}
     lines = Path(src).read_text().splitlines() if src else []
@@ -95,21 +100,24 @@ def write_config(src: Path | None, dst: Path, ports: dict[str, int], extra: dict
 
 
 def model_status(management: str, model: str = MODEL) -> dict:
-    """{'ready': bool, 'workers': [...]} from the management API; not ready if it cannot be reached."""
+    """{'ready': a worker READY, 'all_ready': every worker READY, 'workers': [...]} from the management API;
+    not ready if it cannot be reached."""
     try:
         with urllib.request.urlopen(f"{management}/models/{model}", timeout=2) as r:
             desc = json.loads(r.read())[0]
     except (urllib.error.URLError, OSError, ValueError, IndexError):
-        return {"ready": False, "workers": []}
+        return {"ready": False, "all_ready": False, "workers": []}
     workers = desc.get("workers", [])
-    return {"ready": bool(workers) and all(w.get("status") == "READY" for w in workers), "workers": workers}
+    ready = [w.get("status") == "READY" for w in workers]
+    return {"ready": any(ready), "all_ready": bool(ready) and all(ready), "workers": workers}
 
 
 def wait_ready(management: str, timeout: float, model: str = MODEL, proc: subprocess.Popen | None = None) -> dict:
+    """Wait until every worker of the model is READY (a start is done)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = model_status(management, model)
-        if status["ready"]:
+        if status["all_ready"]:
             return status
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"TorchServe exited with code {proc.returncode}")
@@ -153,9 +161,13 @@ def start(
     """
     check_java()
     log_dir.mkdir(parents=True, exist_ok=True)
+    # Workflows (which carry handler code) load from the workflow store, the model store by default: an empty
+    # folder of this server instead (SECURITY.md, "Management").
+    workflows = log_dir / "empty-workflow-store"
+    workflows.mkdir(mode=0o700, exist_ok=True)
     cmd = [
-        _torchserve(), "--start", "--ncs", "--disable-token-auth",
-        "--ts-config", str(config), "--model-store", str(model_store), "--models", f"{MODEL}={MODEL}.mar",
+        _torchserve(), "--start", "--ncs", "--disable-token-auth", "--ts-config", str(config),
+        "--model-store", str(model_store), "--workflow-store", str(workflows), "--models", f"{MODEL}={MODEL}.mar",
     ]  # fmt: skip
     if foreground:
         cmd.append("--foreground")

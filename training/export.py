@@ -1,6 +1,7 @@
 """Export a trained checkpoint to the TorchScript file that TorchServe serves.
 
-    python -m training.export --checkpoint runs/gtsrb/best.pth --output models/gtsrb.pt
+    python -m training.export --checkpoint runs/gtsrb/latest/last.pth --output models/gtsrb.pt
+    python -m training.export --checkpoint runs/teacher/latest/last.pth --output models/gtsrb_teacher.pth --slim
 
 The exported module takes uint8 [N, 3, 32, 32] and returns logits; it needs torch only (no timm).
 """
@@ -8,6 +9,7 @@ The exported module takes uint8 [N, 3, 32, 32] and returns logits; it needs torc
 import argparse
 import contextlib
 import copy
+import hashlib
 import warnings
 from pathlib import Path
 
@@ -59,12 +61,35 @@ def load_checkpoint(path: str | Path) -> GTSRBClassifier:
     return model.eval()
 
 
+def _weights(path: str | Path) -> tuple[dict, dict]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    return ckpt.get("ema") or ckpt["model"], ckpt["args"]
+
+
+def weights_digest(path: str | Path) -> str:
+    """sha256 of the weights a checkpoint exports (names, shapes, bytes): equal for a checkpoint and its slim copy."""
+    h = hashlib.sha256()
+    for k, v in sorted(_weights(path)[0].items()):
+        h.update(f"{k}:{tuple(v.shape)}:{v.dtype};".encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_slim(checkpoint: str | Path, output: str | Path) -> Path:
+    """The weights and args of a checkpoint, without optimiser state: what a teacher needs (a third of the size)."""
+    weights, args = _weights(checkpoint)
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": weights, "ema": None, "args": args}, output)
+    return Path(output)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--output", required=True)
+    p.add_argument("--slim", action="store_true", help="write a weights-only checkpoint (.pth), not TorchScript")
     args = p.parse_args()
-    print(save(load_checkpoint(args.checkpoint), args.output))
+    print(save_slim(args.checkpoint, args.output) if args.slim else save(load_checkpoint(args.checkpoint), args.output))
 
 
 if __name__ == "__main__":

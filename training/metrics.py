@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from training.data import NUM_CLASSES
 
@@ -39,6 +40,30 @@ def summarize(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]
         ],
         "confusion": cm.tolist(),
     }
+
+
+def calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """Expected calibration error of the softmax top-1 probability: 15 equal-width bins, weighted by count."""
+    conf, pred = logits.float().softmax(1).max(1)
+    correct = (pred == labels).float()
+    which = (conf * bins).long().clamp(max=bins - 1)
+    n = torch.bincount(which, minlength=bins).float()
+    gap = (torch.bincount(which, correct, minlength=bins) - torch.bincount(which, conf, minlength=bins)).abs()
+    return (gap.sum() / n.sum()).item()
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature T minimising the negative log-likelihood of softmax(logits / T) (Guo et al., 2017), by a
+    log-spaced grid search refined once: one convex parameter, no optimiser state, the same answer every time."""
+    logits = logits.float()
+
+    def nll(ts: torch.Tensor) -> torch.Tensor:
+        return torch.stack([F.cross_entropy(logits / t, labels) for t in ts])
+
+    grid = torch.logspace(-1, 1, 81)  # 0.1 .. 10
+    best = grid[nll(grid).argmin()]
+    fine = best * torch.logspace(-0.025, 0.025, 51)
+    return round(fine[nll(fine).argmin()].item(), 4)
 
 
 def worst_classes(summary: dict, k: int = 5) -> list[dict]:

@@ -46,12 +46,16 @@ class GTSRBClassifier(nn.Module):
         # 1/255 folded into the normalisation.
         self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(STD).view(1, 3, 1, 1)))
         self.register_buffer("shift", torch.tensor(MEAN).view(1, 3, 1, 1) / torch.tensor(STD).view(1, 3, 1, 1))
+        # Calibration: logits are divided by a temperature fitted on held-out tracks after training
+        # (training/evaluate.py); not a trained weight, so not in the checkpoints' state dict. The argmax, and
+        # so the accuracy, does not move; the served softmax probabilities become calibrated ones.
+        self.register_buffer("temperature", torch.ones(()), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float() * self.scale - self.shift
         if x.shape[-1] != self.resolution:
             x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
-        return self.net(x)
+        return self.net(x) / self.temperature
 
 
 def create_model(

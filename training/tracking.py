@@ -8,8 +8,10 @@ database store). ``make mlflow-ui`` opens it.
     python -m training.tracking promote gtsrb 3        # version 3 becomes the `champion` (what make deploy ships)
     python -m training.tracking champion gtsrb         # which version is the champion
 
-The `champion` alias names the promoted version: `make archive-champion` packs that version's model into the
-.mar (its version `v<N>-<sha12>`), and `make deploy` refuses an archive that is not it (deploy/gce.py).
+The `champion` alias names the promoted version: the promotion gate (training/promote.py --register, through
+promote_version) moves it to a candidate that passed; `promote` above (make promote VERSION=N) moves it by hand.
+`make archive-champion` packs that version's model into the .mar (its version `v<N>-<sha12>`), and `make deploy`
+refuses an archive that is not it (deploy/gce.py).
 """
 
 import argparse
@@ -23,7 +25,7 @@ from mlflow.tracking import MlflowClient
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_STORE = ROOT / "mlruns"
 EXPERIMENT = "gtsrb"
-CHAMPION = "champion"
+CHAMPION = "champion"  # the registry alias of the shipped model: what make deploy serves
 
 
 def tracking_uri() -> str:
@@ -97,12 +99,46 @@ def download_model(version: dict, dest: Path) -> Path:
     return model
 
 
+def _flat(prefix: str, d: dict) -> dict:
+    return {f"{prefix}{k}": v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def promote_version(name: str, run_id: str, model_path: Path, lineage: dict) -> str:
+    """The promotion in the registry: the version ``lineage`` names (or a new one, with the calibrated TorchScript
+    file logged to its run) gets the held-out numbers and the gate's decision as tags, and the ``champion``
+    alias moves to it. Returns the version."""
+    mlflow.set_tracking_uri(tracking_uri())
+    client = MlflowClient(tracking_uri())
+    ev = lineage.get("evaluation", {})
+    numbers = {
+        **_flat("public_test_", ev.get("public_test") or {}),
+        **_flat("held_out_", ev.get("held_out_tracks") or {}),
+    }
+    numbers["temperature"] = ev.get("temperature", 1.0)
+    version = lineage.get("registered_version") if lineage.get("registered_model") == name else None
+    if version is None:
+        try:
+            client.get_run(run_id)
+        except mlflow.exceptions.MlflowException:  # trained against another store: a run of its own for the file
+            start_run(EXPERIMENT, "promoted", {}, {"trained_as": run_id})
+            run_id = mlflow.active_run().info.run_id
+            end_run()
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_artifact(str(model_path), artifact_path="model")
+        tags = {k: v for k, v in lineage.items() if isinstance(v, (str, int, float)) and k != "registered_model"}
+        version = register(name, run_id, tags)
+    for k, v in {**numbers, "promotion": json.dumps(lineage.get("promotion", {}))}.items():
+        client.set_model_version_tag(name, str(version), k, str(v))
+    set_champion(name, version)
+    return str(version)
+
+
 def lineage(name: str) -> list[dict]:
     client = MlflowClient(tracking_uri())
     rows = []
     for mv in client.search_model_versions(f"name='{name}'"):
         run = client.get_run(mv.run_id)
-        rows.append({"version": mv.version, "run_id": mv.run_id, "source": mv.source, **mv.tags,
+        rows.append({"version": str(mv.version), "run_id": mv.run_id, "source": mv.source, **mv.tags,
                      "top1_train": run.data.metrics.get("train_top1")})  # fmt: skip
     return sorted(rows, key=lambda r: int(r["version"]))
 

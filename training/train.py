@@ -10,6 +10,7 @@ Command-line flags override the YAML config; the resolved config is written next
 """
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -29,7 +30,7 @@ from tqdm import tqdm
 
 from handler.presets import IMAGE_SIZE, to_network_layout
 from training import data as gdata
-from training import export, metrics, tracking
+from training import evaluate, export, metrics, promote, tracking
 from training.augment import TrainAugment
 from training.model import ARCH, TEACHER_ARCH, create_model
 from training.reference import build_reference
@@ -79,8 +80,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         g.add_argument(flag, type=float)
     g = p.add_argument_group("run")
     g.add_argument("--output", help="experiment folder: each run gets <output>/<time>-xxxx/, <output>/latest -> it")
-    g.add_argument("--export", default="", help="also copy the exported model here (make train: models/gtsrb.pt)")
+    g.add_argument("--export", default="", help="promote the model here through the gate (make train: models/gtsrb.pt)")
     g.add_argument("--register", default="", help="register the model as a new version of this MLflow model name")
+    g.add_argument("--public-root", help="GTSRB root holding the public test half (default: the data root)")
+    g.add_argument("--promote-override", metavar="REASON", help="--export even when the promotion gate refuses")
     g.add_argument("--seed", type=int)
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
@@ -130,7 +133,7 @@ def load_data(args) -> dict:
     ds = gdata.gtsrb(str(root), "train", download=args.download)
     log.info(f"data: {source}: {len(ds)} images")
     d = gdata.load_tensors(ds, desc="decode")
-    d["source"], d["fingerprint"] = source, gdata.fingerprint(d["paths"])
+    d["source"], d["fingerprint"], d["root"] = source, gdata.fingerprint(d["paths"]), str(root)
     return d
 
 
@@ -318,6 +321,8 @@ def main(args) -> dict:
     run_info = {
         "arch": args.arch, "num_classes": gdata.NUM_CLASSES, "image_size": IMAGE_SIZE, "data_source": d["source"],
         "data_fingerprint": d["fingerprint"], "git_commit": git_commit(), "torch": str(torch.__version__),
+        "teacher_sha256": [hashlib.sha256(Path(t).read_bytes()).hexdigest() for t in args.teacher],
+        "teacher_weights_sha256": [export.weights_digest(t) for t in args.teacher],
     }  # fmt: skip
     config = {k: v for k, v in vars(args).items() if k not in ("config", "resume")}
     (out / "config.yaml").write_text(yaml.safe_dump({**config, "_run": run_info}, sort_keys=False))
@@ -362,11 +367,14 @@ def main(args) -> dict:
     wall = time.time() - t_start
 
     # ---- export and reports
-    model = export.load_checkpoint(out / "best.pth")
-    model_path = export.save(model, out / "model.pt")
+    # The final weights (the EMA when kept), never an epoch picked on the validation tracks: those tracks
+    # calibrate the temperature and measure the model, they do not choose it (training/evaluate.py).
+    evaluation = evaluate.evaluate_run(out, data=d, public_root=args.public_root or d["root"])
+    model_path = out / "model.pt"
     result = {"run": run_info, "run_dir": str(out), "mlflow_run_id": mlflow_run_id, "train_wall_s": round(wall, 1)}
     result["history"] = history
     result["train_img_per_s"] = round(sum(h["img_per_s"] for h in history) / max(1, len(history)), 1)
+    result["evaluation"] = evaluation
     metrics.plot_curves(history, out / "curves.png")
     if len(val_y):
         s = metrics.summarize(metrics.predict(export.load(model_path), val_x), val_y, gdata.CLASS_NAMES)
@@ -377,7 +385,8 @@ def main(args) -> dict:
     # Input-drift reference (tools/drift_report.py): statistics of the images this model was trained on.
     reference = build_reference(d["images"][train_idx], d["labels"][train_idx], gdata.NUM_CLASSES)
     (out / "reference.json").write_text(json.dumps(reference) + "\n")
-    log.info(f"done in {wall / 60:.1f} min: {model_path} ({os.path.getsize(model_path) / 1e6:.1f} MB)")
+    log.info(f"done in {wall / 60:.1f} min: {model_path} ({os.path.getsize(model_path) / 1e6:.1f} MB); "
+             + evaluate.summary_line(evaluation))  # fmt: skip
     tracking.log_outputs(out)
     lineage = {"mlflow_run_id": mlflow_run_id, "run_dir": str(out), **run_info}
     if args.register:
@@ -386,16 +395,19 @@ def main(args) -> dict:
         log.info(f"registered {args.register} version {lineage['registered_version']} (run {mlflow_run_id})")
     tracking.end_run()
     (out / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
-    if args.export:
-        dest = Path(args.export)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(model_path.read_bytes())
-        dest.with_name(dest.stem + "_reference.json").write_text(json.dumps(reference) + "\n")
-        dest.with_name(dest.stem + "_lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
-    logging.getLogger().removeHandler(file_log)
-    file_log.close()
+    try:
+        if args.export:  # the promotion gate: refuses (raises promote.Refused) a model that does not beat the shipped
+            promoted = promote.promote(out, Path(args.export), override=args.promote_override)
+            result["promotion"] = promoted["promotion"]
+    finally:
+        logging.getLogger().removeHandler(file_log)
+        file_log.close()
     return result
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except promote.Refused as e:
+        sys.exit(f"REFUSED by the promotion gate: {e}. The shipped model is unchanged; the candidate stays in its run "
+                 "folder (--promote-override REASON ships it anyway, recording the reason).")  # fmt: skip

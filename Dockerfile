@@ -47,7 +47,9 @@ RUN apt-get update \
     && install -d -o 10001 -g 0 -m 0775 /home/model-server/logs /home/model-server/tmp
 COPY --from=build /opt/venv /opt/venv
 COPY config.properties metrics.yaml log4j2.xml /opt/gtsrb/
-COPY tools/torchserve_ctl.py /opt/gtsrb/tools/
+COPY tools/torchserve_ctl.py tools/drift_check.py /opt/gtsrb/tools/
+# The drift report the VM runs every hour (deploy/cloud-init.yaml, gtsrb-drift.timer), and the model's reference.
+COPY models/gtsrb_reference.json /opt/gtsrb/models/
 COPY docker/serve.py docker/haproxy.cfg /opt/gtsrb/docker/
 COPY docker/errors/ /opt/gtsrb/docker/errors/
 COPY model_store/gtsrb.mar /opt/gtsrb/model_store/

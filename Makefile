@@ -12,7 +12,8 @@ PORT ?= 8080
 
 .PHONY: help install teacher train mlflow-ui evaluate export archive serve stop predict test lint lock bench audit soak \
   drift-report clean docker-build docker-run docker-test docker-lock docker-sbom hadolint deploy-check deploy-domain \
-  deploy deploy-demo deploy-scale-out deploy-teardown deploy-dry-run deploy-drift-report pipeline pipeline-push \
+  deploy deploy-demo deploy-scale-out deploy-teardown deploy-dry-run deploy-drift-report deploy-rollback pipeline pipeline-push promote \
+  archive-champion rollback \
   prometheus cloud-check github-check train-cloud train-cloud-dry-run ci-trigger ci-trigger-dry-run train-image
 
 help: ## list the targets
@@ -65,6 +66,13 @@ model_store/gtsrb.mar: $(VENV)/.serve models/gtsrb.pt handler/* tools/archive.py
 	$(PY) -m tools.archive
 
 archive: model_store/gtsrb.mar ## pack model_store/gtsrb.mar (model + handler + class names + config)
+
+promote: $(VENV)/.dev ## the MLflow alias `champion` -> registered version VERSION of gtsrb (what make deploy ships)
+	@[ -n "$(VERSION)" ] || { echo "usage: make promote VERSION=<registered version>" >&2; exit 2; }
+	$(PY) -m training.tracking promote gtsrb $(VERSION)
+
+archive-champion: $(VENV)/.dev ## pack the `champion` version's model from MLflow -> model_store/gtsrb.mar (version vN-sha12)
+	$(PY) -m tools.archive --champion gtsrb
 
 serve: model_store/gtsrb.mar ## start TorchServe on :8080 and wait until the model is READY
 	PATH=$(BIN):$$PATH $(PY) -m tools.torchserve_ctl start
@@ -138,6 +146,11 @@ deploy-demo: deploy-check model_store/gtsrb.mar ## PUBLIC plain-HTTP demo: one V
 deploy-scale-out: deploy-check $(VENV)/.serve ## autoscaling of the deployed group (DEPLOY_ARGS='--autoscale-on rps --max-replicas 8')
 	$(DEPLOY) scale-out $(DEPLOY_TARGET) $(DEPLOY_ARGS)
 
+deploy-rollback: deploy-check $(VENV)/.serve ## the serving group back to the instance template it ran before (DEPLOY_ARGS='--to TEMPLATE')
+	$(DEPLOY) rollback $(DEPLOY_TARGET) $(DEPLOY_ARGS)
+
+rollback: deploy-rollback ## same as deploy-rollback
+
 deploy-teardown: deploy-check $(VENV)/.serve ## delete everything deploy and deploy-demo created
 	$(DEPLOY) teardown $(DEPLOY_TARGET) $(DEPLOY_ARGS)
 
@@ -145,6 +158,7 @@ deploy-dry-run: deploy-check $(VENV)/.serve ## print the gcloud commands of depl
 	$(DEPLOY) deploy --dry-run $(DEPLOY_TARGET) --domain $(or $(DOMAIN),signs.example.com) $(if $(IAP_MEMBER),--iap-member $(IAP_MEMBER)) $(DEPLOY_ARGS)
 	$(DEPLOY) scale-out --dry-run $(DEPLOY_TARGET)
 	$(DEPLOY) drift-logs --dry-run $(DEPLOY_TARGET)
+	$(DEPLOY) rollback --dry-run $(DEPLOY_TARGET)
 	$(DEPLOY) teardown --dry-run $(DEPLOY_TARGET)
 
 deploy-drift-report: deploy-check $(VENV)/.dev ## copy the VMs' input logs (gcloud compute scp via IAP) and run the drift report on them

@@ -23,7 +23,7 @@ SUBNET_RANGE = "10.80.0.0/24"  # the dedicated network's one subnet (the zone's 
 ALLOW_PRIORITY, DENY_PRIORITY = 900, 1000
 # Login to the VMs is by IAM identity (OS Login) only; SSH keys in the project's metadata are ignored.
 VM_METADATA = "enable-oslogin=TRUE,block-project-ssh-keys=TRUE"
-UNRESOLVED_DIGEST = "sha256:UNRESOLVED"  # in a dry run's cloud-init; a real run writes the pushed image's digest
+UNRESOLVED_DIGEST = "sha256:UNRESOLVED"  # in a dry run's cloud-init; a real run reads the pushed image's digest
 # Google's build of the OpenTelemetry Collector: scrapes the metrics on the VM into Managed Prometheus.
 COLLECTOR_IMAGE = (
     "us-docker.pkg.dev/cloud-ops-agents-artifacts/google-cloud-opentelemetry-collector/otelcol-google:0.160.0"
@@ -46,7 +46,6 @@ class Config:
     memory: str = "4g"  # the container's limit; e2-standard-2 has 8 GB (docker/README.md, "Memory")
     cpus: str = "1.8"  # the container's CPU limit: e2-standard-2's 2 vCPUs less room for Docker and the collector
     network: str = ""  # an existing VPC network; empty: a dedicated one, {name}-net
-    digest: str = ""  # the image's digest (sha256:...): the VMs run the image by it
     torch_index_url: str = CPU_INDEX
     base_image: str = ""  # the Dockerfile's base for Cloud Build, ideally pinned by digest (default: its tag)
     build: bool = True
@@ -67,6 +66,12 @@ class Config:
     max_rps: float = 500.0  # ~half of what one 2-core server does at concurrency 32 (BENCHMARKS.md)
     target_lb_utilization: float = 0.8
     keep_images: bool = False
+    # rollouts (deploy/rollout.py)
+    regional: bool = False  # the group spreads its VMs over the region's zones
+    digest: str = ""  # sha256:... of the pushed image (rollout.resolve_digest): the VMs run the image by it
+    template: str = ""  # the instance template of this image, model and configuration (rollout.template_name)
+    model_version: str = ""  # the archive's model version (v<registered>-<sha12>), a label of the VMs
+    alert_webhook: str = ""  # the Alertmanager's webhook receiver on the VMs (monitoring/alertmanager.yml)
 
     @property
     def region(self) -> str:
@@ -84,9 +89,14 @@ class Config:
         return f"{self.registry_host}/{self.project}/{self.repo}/gtsrb-serve:{self.tag}"
 
     @property
-    def image_by_digest(self) -> str:
-        """What the VMs run: the image by its digest, which (unlike a tag) cannot be moved to another image."""
+    def image_ref(self) -> str:
+        """What the VMs run: the image by its digest, which (unlike a tag) cannot be moved to another image. The
+        digest is read from the registry right after the build (rollout.resolve_digest); never the tag."""
         return f"{self.image.rsplit(':', 1)[0]}@{self.digest or UNRESOLVED_DIGEST}"
+
+    @property
+    def mig_scope(self) -> str:
+        return f"--region={self.region}" if self.regional else f"--zone={self.zone}"
 
     @property
     def vpc(self) -> str:
@@ -105,23 +115,23 @@ class Step(list):
     """One gcloud argv (a plain list, so tests compare it as one), plus how the runner treats it.
 
     note:     printed as a comment before the command, in dry runs and real runs.
-    probe:    a `describe`: if it succeeds the resource exists and the runner skips the next step (its create).
+    probe:    a `describe`: if it succeeds the resource exists and the runner skips the next `skip` steps (its
+              create, and what is done once after it).
     may_fail: teardown deletes; a resource that was never created must not stop the others being deleted.
-    capture:  the runner hands the command's output to the caller (the image's digest).
     """
 
-    def __init__(self, argv: list[str], note: str = "", *, probe=False, may_fail=False, capture=False):
+    def __init__(self, argv: list[str], note: str = "", *, probe: bool = False, may_fail: bool = False, skip: int = 1):
         super().__init__(argv)
-        self.note, self.probe, self.may_fail, self.capture = note, probe, may_fail, capture
+        self.note, self.probe, self.may_fail, self.skip = note, probe, may_fail, skip
 
 
 def gcloud(cfg: Config, *args: str) -> list[str]:
     return ["gcloud", *args, f"--project={cfg.project}"]
 
 
-def ensure(cfg: Config, describe: list[str], create: list[str], note: str) -> list[Step]:
-    """describe, then create only if describe failed: reruns reuse what exists instead of failing on it."""
-    return [Step(gcloud(cfg, *describe), note, probe=True), Step(gcloud(cfg, *create))]
+def ensure(cfg: Config, describe: list[str], create: list[str], note: str, then: tuple[Step, ...] = ()) -> list[Step]:
+    """describe, then create (and `then`) only if describe failed: reruns reuse what exists instead of failing."""
+    return [Step(gcloud(cfg, *describe), note, probe=True, skip=1 + len(then)), Step(gcloud(cfg, *create)), *then]
 
 
 # ------------------------------------------------------------------------------------- shared by both modes
@@ -155,12 +165,11 @@ def build_commands(cfg: Config) -> list[Step]:
             gcloud(cfg, "builds", "submit", f"--config={CLOUDBUILD}", f"--substitutions={subs}", "."),
             "build the image from the repo root (.gcloudignore decides what is uploaded) and push it",
         ))  # fmt: skip
-    steps.append(Step(digest_command(cfg), "the image's digest: the VMs' cloud-init names the image by it, not by "
-                      "its tag (a real run writes it there)", capture=True))  # fmt: skip
     return steps
 
 
 def digest_command(cfg: Config) -> list[str]:
+    """The pushed image's digest (deploy/rollout.py resolve_digest runs it right after the build)."""
     return gcloud(cfg, "artifacts", "docker", "images", "describe", cfg.image, "--format=value(image_summary.digest)")
 
 
@@ -306,51 +315,62 @@ def secure_commands(cfg: Config, user_data: str) -> list[Step]:
             "health check for autohealing, more lenient: a VM is recreated after 5 minutes without a READY worker, "
             "not after a worker restart (seconds) or a container restart (a minute)",
         ),
-        Step(
-            gcloud(cfg, "compute", "instance-templates", "create", cfg.res("template"), *vm_flags(cfg, user_data),
-                   "--no-address"),
+        # The template names its image digest, model and configuration (deploy/rollout.py): a new one is a new
+        # template, rolled out by the canary steps after these; the same one is found and reused.
+        *ensure(
+            cfg,
+            ["compute", "instance-templates", "describe", cfg.template or cfg.res("template")],
+            ["compute", "instance-templates", "create", cfg.template or cfg.res("template"), *vm_flags(cfg, user_data),
+             "--no-address", *([f"--labels=model-version={cfg.model_version}"] if cfg.model_version else [])],
             "instance template: COS, the cloud-init, the dedicated service account, no public address",
         ),
-        Step(
-            gcloud(cfg, "compute", "instance-groups", "managed", "create", cfg.res("mig"), f"--zone={cfg.zone}",
-                   f"--template={cfg.res('template')}", f"--size={cfg.size}", f"--base-instance-name={cfg.name}",
-                   f"--health-check={cfg.res('hc-autoheal')}", f"--initial-delay={cfg.initial_delay}"),
-            f"managed instance group; autohealing recreates a VM with no READY worker for 5 minutes, after a "
-            f"{cfg.initial_delay} s grace period for boot, image pull and model load",
+        *ensure(
+            cfg,
+            ["compute", "instance-groups", "managed", "describe", cfg.res("mig"), cfg.mig_scope],
+            ["compute", "instance-groups", "managed", "create", cfg.res("mig"), cfg.mig_scope,
+             f"--template={cfg.template or cfg.res('template')}", f"--size={cfg.size}", f"--base-instance-name={cfg.name}",
+             f"--health-check={cfg.res('hc-autoheal')}", f"--initial-delay={cfg.initial_delay}"],
+            f"managed instance group ({'regional' if cfg.regional else 'zonal'}); autohealing recreates a VM with no "
+            f"READY worker for 5 minutes, after a {cfg.initial_delay} s grace period for boot, image pull and model "
+            "load. An existing group keeps its template here: the canary steps at the end move it",
         ),
         Step(
-            gcloud(cfg, "compute", "instance-groups", "managed", "set-named-ports", cfg.res("mig"), f"--zone={cfg.zone}",
+            gcloud(cfg, "compute", "instance-groups", "managed", "set-named-ports", cfg.res("mig"), cfg.mig_scope,
                    f"--named-ports=http:{PORT}"),
             f"the backend service reaches the VMs through the named port http -> {PORT}",
         ),
         # ---- the load balancer: Cloud Armor, IAP, certificate, HTTPS only
-        Step(
-            gcloud(cfg, "compute", "security-policies", "create", cfg.res("armor"),
-                   "--description=gtsrb-serve: per-client rate limit"),
+        *ensure(
+            cfg,
+            ["compute", "security-policies", "describe", cfg.res("armor")],
+            ["compute", "security-policies", "create", cfg.res("armor"), "--description=gtsrb-serve: per-client rate limit"],
             "Cloud Armor policy",
+            then=(Step(
+                gcloud(cfg, "compute", "security-policies", "rules", "create", "1000",
+                       f"--security-policy={cfg.res('armor')}", "--src-ip-ranges=*", "--action=throttle",
+                       f"--rate-limit-threshold-count={cfg.rate_limit}", "--rate-limit-threshold-interval-sec=60",
+                       "--conform-action=allow", "--exceed-action=deny-429", "--enforce-on-key=IP"),
+                f"rate limit: {cfg.rate_limit} requests a minute per client IP, 429 beyond",
+            ),),
         ),
-        Step(
-            gcloud(cfg, "compute", "security-policies", "rules", "create", "1000", f"--security-policy={cfg.res('armor')}",
-                   "--src-ip-ranges=*", "--action=throttle", f"--rate-limit-threshold-count={cfg.rate_limit}",
-                   "--rate-limit-threshold-interval-sec=60", "--conform-action=allow", "--exceed-action=deny-429",
-                   "--enforce-on-key=IP"),
-            f"rate limit: {cfg.rate_limit} requests a minute per client IP, 429 beyond",
-        ),
-        Step(
-            gcloud(cfg, "compute", "backend-services", "create", cfg.res("backend"), "--global",
-                   "--load-balancing-scheme=EXTERNAL_MANAGED", "--protocol=HTTP", "--port-name=http",
-                   f"--health-checks={cfg.res('hc')}", "--timeout=30s", "--connection-draining-timeout=60"),
+        *ensure(
+            cfg,
+            ["compute", "backend-services", "describe", cfg.res("backend"), "--global"],
+            ["compute", "backend-services", "create", cfg.res("backend"), "--global",
+             "--load-balancing-scheme=EXTERNAL_MANAGED", "--protocol=HTTP", "--port-name=http",
+             f"--health-checks={cfg.res('hc')}", "--timeout=30s", "--connection-draining-timeout=60"],
             "backend service: only to healthy VMs; a VM leaving the group gets 60 s to finish its requests",
+            then=(Step(
+                gcloud(cfg, "compute", "backend-services", "add-backend", cfg.res("backend"), "--global",
+                       f"--instance-group={cfg.res('mig')}",
+                       f"--instance-group-{'region' if cfg.regional else 'zone'}={cfg.region if cfg.regional else cfg.zone}",
+                       "--balancing-mode=UTILIZATION", "--max-utilization=0.8"),
+            ),),
         ),
         Step(
             gcloud(cfg, "compute", "backend-services", "update", cfg.res("backend"), "--global",
                    f"--security-policy={cfg.res('armor')}"),
             "Cloud Armor in front of the backend service",
-        ),
-        Step(
-            gcloud(cfg, "compute", "backend-services", "add-backend", cfg.res("backend"), "--global",
-                   f"--instance-group={cfg.res('mig')}", f"--instance-group-zone={cfg.zone}",
-                   "--balancing-mode=UTILIZATION", "--max-utilization=0.8"),
         ),
         Step(
             gcloud(cfg, "compute", "backend-services", "update", cfg.res("backend"), "--global", "--iap=enabled"),
@@ -363,29 +383,34 @@ def secure_commands(cfg: Config, user_data: str) -> list[Step]:
                  "who may call (--iap-member)" if i == 0 else "")
             for i, m in enumerate(cfg.iap_members)
         ],
-        Step(gcloud(cfg, "compute", "url-maps", "create", cfg.res("urlmap"), "--global",
-                    f"--default-service={cfg.res('backend')}")),
-        Step(
-            gcloud(cfg, "compute", "addresses", "create", cfg.res("ip"), "--global", "--ip-version=IPV4"),
+        *ensure(cfg, ["compute", "url-maps", "describe", cfg.res("urlmap"), "--global"],
+                ["compute", "url-maps", "create", cfg.res("urlmap"), "--global", f"--default-service={cfg.res('backend')}"],
+                ""),
+        *ensure(
+            cfg,
+            ["compute", "addresses", "describe", cfg.res("ip"), "--global"],
+            ["compute", "addresses", "create", cfg.res("ip"), "--global", "--ip-version=IPV4"],
             f"a static address: point the DNS A record of {cfg.domain} at it",
         ),
-        Step(
-            gcloud(cfg, "compute", "ssl-certificates", "create", cfg.res("cert"), "--global", f"--domains={cfg.domain}"),
+        *ensure(
+            cfg,
+            ["compute", "ssl-certificates", "describe", cfg.res("cert"), "--global"],
+            ["compute", "ssl-certificates", "create", cfg.res("cert"), "--global", f"--domains={cfg.domain}"],
             "Google-managed certificate: issued once DNS points at the address (up to an hour)",
         ),
-        Step(
-            gcloud(cfg, "compute", "ssl-policies", "create", cfg.res("tls"), "--global", "--profile=MODERN",
-                   "--min-tls-version=1.2"),
-        ),
-        Step(
-            gcloud(cfg, "compute", "target-https-proxies", "create", cfg.res("https-proxy"), "--global",
-                   f"--url-map={cfg.res('urlmap')}", f"--ssl-certificates={cfg.res('cert')}",
-                   f"--ssl-policy={cfg.res('tls')}"),
-        ),
-        Step(
-            gcloud(cfg, "compute", "forwarding-rules", "create", cfg.res("https"), "--global",
-                   "--load-balancing-scheme=EXTERNAL_MANAGED", f"--address={cfg.res('ip')}",
-                   f"--target-https-proxy={cfg.res('https-proxy')}", "--ports=443"),
+        *ensure(cfg, ["compute", "ssl-policies", "describe", cfg.res("tls"), "--global"],
+                ["compute", "ssl-policies", "create", cfg.res("tls"), "--global", "--profile=MODERN",
+                 "--min-tls-version=1.2"], ""),
+        *ensure(cfg, ["compute", "target-https-proxies", "describe", cfg.res("https-proxy"), "--global"],
+                ["compute", "target-https-proxies", "create", cfg.res("https-proxy"), "--global",
+                 f"--url-map={cfg.res('urlmap')}", f"--ssl-certificates={cfg.res('cert')}",
+                 f"--ssl-policy={cfg.res('tls')}"], ""),
+        *ensure(
+            cfg,
+            ["compute", "forwarding-rules", "describe", cfg.res("https"), "--global"],
+            ["compute", "forwarding-rules", "create", cfg.res("https"), "--global",
+             "--load-balancing-scheme=EXTERNAL_MANAGED", f"--address={cfg.res('ip')}",
+             f"--target-https-proxy={cfg.res('https-proxy')}", "--ports=443"],
             "the only public entry point: HTTPS on 443 (no plain HTTP listener)",
         ),
     ]  # fmt: skip
@@ -401,10 +426,12 @@ def demo_commands(cfg: Config, user_data: str) -> list[Step]:
                   "gtsrb-serve public HTTP demo: inference API only",
                   f"PUBLIC DEMO firewall: plain HTTP on tcp:{PORT} from {cfg.source_ranges}, no authentication"),
         *ssh_and_deny_rules(cfg),
-        Step(
-            gcloud(cfg, "compute", "instances", "create", cfg.res("demo"), f"--zone={cfg.zone}",
-                   *vm_flags(cfg, user_data)),
-            f"the demo VM (public address): pulls {cfg.image} at boot and runs it under systemd",
+        *ensure(
+            cfg,
+            ["compute", "instances", "describe", cfg.res("demo"), f"--zone={cfg.zone}"],
+            ["compute", "instances", "create", cfg.res("demo"), f"--zone={cfg.zone}", *vm_flags(cfg, user_data)],
+            f"the demo VM (public address): pulls {cfg.image_ref} at boot and runs it under systemd (an existing "
+            "one is kept: teardown and deploy again to change it)",
         ),
     ]  # fmt: skip
 
@@ -417,7 +444,9 @@ def scale_out_commands(cfg: Config) -> list[Step]:
         # target_lb_utilization of it, i.e. about max_rps * target_lb_utilization requests/s per VM.
         steps.append(Step(
             gcloud(cfg, "compute", "backend-services", "update-backend", cfg.res("backend"), "--global",
-                   f"--instance-group={cfg.res('mig')}", f"--instance-group-zone={cfg.zone}", "--balancing-mode=RATE",
+                   f"--instance-group={cfg.res('mig')}",
+                   f"--instance-group-{'region' if cfg.regional else 'zone'}={cfg.region if cfg.regional else cfg.zone}",
+                   "--balancing-mode=RATE",
                    f"--max-rate-per-instance={cfg.max_rps:g}"),
             f"each VM is worth {cfg.max_rps:g} requests/s to the load balancer",
         ))  # fmt: skip
@@ -425,7 +454,7 @@ def scale_out_commands(cfg: Config) -> list[Step]:
     else:
         signal = [f"--target-cpu-utilization={cfg.target_cpu:g}"]
     steps.append(Step(
-        gcloud(cfg, "compute", "instance-groups", "managed", "set-autoscaling", cfg.res("mig"), f"--zone={cfg.zone}",
+        gcloud(cfg, "compute", "instance-groups", "managed", "set-autoscaling", cfg.res("mig"), cfg.mig_scope,
                f"--min-num-replicas={cfg.min_replicas}", f"--max-num-replicas={cfg.max_replicas}",
                f"--cool-down-period={cfg.initial_delay}", *signal),
         f"autoscaling on {'requests per second' if cfg.autoscale_on == 'rps' else 'CPU utilization'}",
@@ -451,8 +480,8 @@ def teardown_commands(cfg: Config) -> list[Step]:
         delete("compute", "url-maps", "delete", cfg.res("urlmap"), "--global"),
         delete("compute", "backend-services", "delete", cfg.res("backend"), "--global"),  # + its IAP settings
         delete("compute", "security-policies", "delete", cfg.res("armor")),
-        delete("compute", "instance-groups", "managed", "delete", cfg.res("mig"), zone),  # + its autoscaler
-        delete("compute", "instance-templates", "delete", cfg.res("template")),
+        delete("compute", "instance-groups", "managed", "delete", cfg.res("mig"), cfg.mig_scope),  # + its autoscaler
+        # the group's templates, one per rollout: deploy/rollout.py lists and deletes them after these steps
         delete("compute", "health-checks", "delete", cfg.res("hc-autoheal"), "--global"),
         delete("compute", "health-checks", "delete", cfg.res("hc"), "--global"),
         delete("compute", "instances", "delete", cfg.res("demo"), zone),
@@ -484,7 +513,7 @@ def instances_command(cfg: Config) -> list[str]:
     """The serving VMs' names, one a line."""
     if cfg.public_http_demo:
         return gcloud(cfg, "compute", "instances", "list", f"--filter=name={cfg.res('demo')}", "--format=value(name)")
-    return gcloud(cfg, "compute", "instance-groups", "managed", "list-instances", cfg.res("mig"), f"--zone={cfg.zone}",
+    return gcloud(cfg, "compute", "instance-groups", "managed", "list-instances", cfg.res("mig"), cfg.mig_scope,
                   "--format=value(name)")  # fmt: skip
 
 

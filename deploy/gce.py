@@ -7,6 +7,10 @@
     python -m deploy.gce drift-logs --project P --zone europe-west1-b    # the VMs' input logs -> logs/deployed/
     python -m deploy.gce teardown   --project P --zone europe-west1-b    # delete all of it again
     python -m deploy.gce deploy --project P --zone Z --public-http-demo  # one public VM, plain HTTP on :8080
+    python -m deploy.gce rollback   --project P --zone europe-west1-b    # the group back to its previous template
+
+A rerun of deploy reuses what exists; a new image or model becomes a new instance template, rolled out through
+a canary VM and its checks (deploy/rollout.py). The VMs pull the image by digest.
 
 Add --dry-run to print every gcloud command (a copyable shell script) and run nothing; it needs no gcloud.
 deploy/commands.py holds the commands, deploy/README.md explains what gets created and why.
@@ -14,7 +18,6 @@ deploy/commands.py holds the commands, deploy/README.md explains what gets creat
 
 import argparse
 import dataclasses
-import re
 import shlex
 import shutil
 import subprocess
@@ -23,15 +26,18 @@ import tempfile
 from pathlib import Path
 from string import Template
 
+from deploy import rollout, vm_monitoring
 from deploy.commands import (
     Config,
     Step,
     address_command,
+    build_commands,
     copy_log_command,
     deploy_commands,
     instances_command,
     scale_out_commands,
     teardown_commands,
+    vm_flags,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,8 +51,8 @@ def render_cloud_init(cfg: Config) -> str:
     from deploy.commands import COLLECTOR_IMAGE
 
     return Template(CLOUD_INIT.read_text()).substitute(
-        image=cfg.image_by_digest, registry_host=cfg.registry_host, memory=cfg.memory, cpus=cfg.cpus,
-        collector_image=COLLECTOR_IMAGE,
+        image=cfg.image_ref, registry_host=cfg.registry_host, memory=cfg.memory, cpus=cfg.cpus,
+        collector_image=COLLECTOR_IMAGE, **vm_monitoring.substitutions(cfg),
     )  # fmt: skip
 
 
@@ -55,15 +61,6 @@ def write_cloud_init(cfg: Config) -> Path:
     with open(fd, "w") as f:
         f.write(render_cloud_init(cfg))
     return Path(path)
-
-
-def pin_digest(cfg: Config, digest: str, user_data: Path | None) -> None:
-    """Rewrite the cloud-init (before any VM or template reads it) with the image by ``digest``."""
-    if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
-        sys.exit(f"error: not an image digest: {digest!r}")
-    if user_data:
-        user_data.write_text(render_cloud_init(dataclasses.replace(cfg, digest=digest)))
-        print(f"# the VMs run {dataclasses.replace(cfg, digest=digest).image_by_digest}")
 
 
 def default_tag() -> str:
@@ -76,17 +73,16 @@ def default_tag() -> str:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "latest"
 
 
-def run(steps: list[Step], dry_run: bool, on_capture=None) -> list[Step]:
-    """Print (dry run) or run the steps in order; returns the may_fail steps that failed. A capture step's
-    output goes to ``on_capture``."""
+def run(steps: list[Step], dry_run: bool) -> list[Step]:
+    """Print (dry run) or run the steps in order; returns the may_fail steps that failed."""
     failed: list[Step] = []
-    skip_next = False
+    skip_next = 0
     for step in steps:
         if step.note:
             print(f"# {step.note}")
         if skip_next:
             print(f"# exists already, skipped: {shlex.join(step)}")
-            skip_next = False
+            skip_next -= 1
             continue
         if dry_run:
             print(shlex.join(step))
@@ -94,14 +90,7 @@ def run(steps: list[Step], dry_run: bool, on_capture=None) -> list[Step]:
         print(f"+ {shlex.join(step)}", flush=True)
         if step.probe:
             found = subprocess.run(step, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            skip_next = found.returncode == 0
-            continue
-        if step.capture:
-            out = subprocess.run(step, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-            if out.returncode != 0 or not out.stdout.strip():
-                sys.exit(f"error: exit code {out.returncode} from: {shlex.join(step)}\nnothing after it was run.")
-            if on_capture:
-                on_capture(out.stdout.strip())
+            skip_next = step.skip if found.returncode == 0 else 0
             continue
         try:
             subprocess.run(step, cwd=ROOT, check=True)
@@ -145,13 +134,63 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     common.add_argument("--name", default="gtsrb-serve", help="network tag and prefix of every resource")
     common.add_argument("--repo", default="gtsrb", help="Artifact Registry repository (default: %(default)s)")
     common.add_argument("--tag", default=None, help="image tag (default: the short git commit, else 'latest')")
+    common.add_argument("--regional", action="store_true",
+                        help="the group spreads over the zone's region (regional managed instance group)")  # fmt: skip
+    canary = argparse.ArgumentParser(add_help=False)
+    canary.add_argument(
+        "--canary-soak",
+        dest="soak_s",
+        type=int,
+        default=rollout.Checks.soak_s,
+        help="seconds the canary serves before its metrics are read (default: %(default)s)",
+    )
+    canary.add_argument(
+        "--canary-window",
+        dest="window",
+        default=rollout.Checks.window,
+        help="PromQL range of the canary's metrics (default: %(default)s)",
+    )
+    canary.add_argument(
+        "--max-error-ratio",
+        type=float,
+        default=rollout.Checks.max_error_ratio,
+        help="the canary's 5xx ratio limit (default: %(default)s, as GTSRBServerErrors)",
+    )
+    canary.add_argument(
+        "--max-latency-ms",
+        type=float,
+        default=rollout.Checks.max_latency_ms,
+        help="the canary's mean latency limit (default: %(default)s, as GTSRBMeanLatencyHigh)",
+    )
+    canary.add_argument(
+        "--canary-min-requests",
+        dest="min_requests",
+        type=int,
+        default=0,
+        help="stop the rollout when the canary served fewer requests (default: %(default)s)",
+    )
+    canary.add_argument(
+        "--metrics-url",
+        default="",
+        help="Prometheus HTTP API of the metrics (default: the project's Managed Service for Prometheus)",
+    )
+    canary.add_argument("--stable-timeout", dest="stable_timeout_s", type=int, default=rollout.Checks.stable_timeout_s,
+                        help="seconds to wait for the group to be stable (default: %(default)s)")  # fmt: skip
     demo = argparse.ArgumentParser(add_help=False)
     demo.add_argument("--public-http-demo", action="store_true",
                       help="one VM with a public address, plain HTTP on :8080, no login (not for real traffic)")  # fmt: skip
 
     p = argparse.ArgumentParser(prog="python -m deploy.gce", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("deploy", parents=[common, demo], help="build, push, and serve it (secure by default)")
+    d = sub.add_parser("deploy", parents=[common, demo, canary],
+                       help="build, push, and serve it (secure by default); reruns roll out through a canary")  # fmt: skip
+    d.add_argument("--alert-webhook", default="", help="URL of the Alertmanager's webhook receiver on the VMs")
+    d.add_argument(
+        "--model-alias",
+        default="champion",
+        help="the MLflow registered version the archive must be (default: %(default)s; '' skips the check)",
+    )
+    d.add_argument("--registered-model", default="gtsrb", help="MLflow registered model name (default: %(default)s)")
     d.add_argument("--domain", default="", help="DNS name for the HTTPS certificate (required unless demo)")
     d.add_argument("--iap-member", dest="iap_members", action="append", default=[],
                    help="who may call through IAP, e.g. user:me@example.com or serviceAccount:SA; repeatable")  # fmt: skip
@@ -180,6 +219,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--initial-delay", type=int, default=180, help="cool-down period (default: %(default)s)")
     g = sub.add_parser("drift-logs", parents=[common, demo], help="copy the VMs' input logs to logs/deployed/")
     g.add_argument("--dest", default=DRIFT_LOGS, help="local folder, relative to the repo (default: %(default)s)")
+    r = sub.add_parser("rollback", parents=[common, canary], help="the group back to the template it ran before")
+    r.add_argument("--to", default="", help="this instance template instead of the previous one")
     t = sub.add_parser("teardown", parents=[common], help="delete everything deploy created (both modes)")
     t.add_argument("--keep-images", action="store_true", help="keep the Artifact Registry repository")
     args = p.parse_args(argv)
@@ -190,6 +231,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error("deploy needs --domain (its HTTPS certificate), or --public-http-demo for a plain HTTP demo VM")
         if args.source_ranges and not args.public_http_demo:
             p.error("--source-ranges opens the demo VM; the default deployment admits the load balancer only")
+        if args.regional and args.public_http_demo:
+            p.error("--regional is for the managed instance group; the demo is one VM")
     return args
 
 
@@ -225,33 +268,77 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cd {shlex.quote(str(ROOT))}" if args.dry_run else f"# in {ROOT}")
     if args.command == "drift-logs":
         return drift_logs(cfg, args.dest, args.dry_run)
-    user_data = None
-    try:
-        if args.command == "teardown":
-            steps = teardown_commands(cfg)
-        elif args.command == "scale-out":
-            steps = scale_out_commands(cfg)
-        else:
-            if not cfg.public_http_demo and not cfg.iap_members:
-                print(
-                    "# warning: no --iap-member: IAP will let nobody through until you grant roles/iap.httpsResourceAccessor"
-                )
-            user_data = write_cloud_init(cfg)
-            print(f"# cloud-init rendered from deploy/cloud-init.yaml to {user_data}")
-            steps = deploy_commands(cfg, str(user_data))
-        failed = run(steps, args.dry_run, on_capture=lambda digest: pin_digest(cfg, digest, user_data))
-    finally:
-        # A real run is done with the file once gcloud has read it; a dry run's commands still point at it.
-        if user_data and not args.dry_run:
-            user_data.unlink(missing_ok=True)
-
+    checks = rollout.Checks(**{k: v for k, v in vars(args).items() if k in rollout.Checks.__dataclass_fields__})
+    if args.command == "rollback":
+        return rollout.rollback(cfg, checks, args.to, args.dry_run)
+    if args.command == "deploy":
+        return deploy(cfg, checks, args)
+    steps = teardown_commands(cfg) if args.command == "teardown" else scale_out_commands(cfg)
+    if args.command == "teardown":  # the group's templates go right after the group, before the health check
+        i = next(i for i, s in enumerate(steps) if s[1:5] == ["compute", "instance-groups", "managed", "delete"]) + 1
+        failed = run(steps[:i], args.dry_run)
+        failed += [Step(f.split()) for f in rollout.delete_templates(cfg, args.dry_run)]
+        failed += run(steps[i:], args.dry_run)
+    else:
+        failed = run(steps, args.dry_run)
     if failed:
         print("# these deletes failed (harmless for resources that never existed; check the others):", file=sys.stderr)
         for step in failed:
             print(f"#   {shlex.join(step)}", file=sys.stderr)
         return 1
-    if args.command == "deploy":
-        print_next_steps(cfg, args.dry_run)
+    return 0
+
+
+def model_version(cfg: Config, args: argparse.Namespace) -> str:
+    """The archive's model version; with --model-alias, checked against that MLflow alias (training/tracking.py)."""
+    if not MAR.is_file():
+        return cfg.tag
+    version = rollout.mar_version(MAR)
+    if not (args.model_alias and cfg.build):
+        return version
+    print(
+        f"# the archive is model {version}; the registry's {args.model_alias!r} of {args.registered_model} must be it"
+    )
+    if args.dry_run:
+        print(f"# python -m training.tracking champion {args.registered_model} --alias {args.model_alias}")
+        return version
+    from training import tracking
+
+    mv = tracking.champion(args.registered_model, args.model_alias)
+    if mv is None:
+        sys.exit(f"error: {args.registered_model} has no version with alias {args.model_alias!r}: promote one "
+                 f"(python -m training.tracking promote {args.registered_model} VERSION), or --model-alias ''")  # fmt: skip
+    if not version.startswith(f"v{mv['version']}-"):
+        sys.exit(f"error: {MAR.name} is model {version}, but {args.model_alias!r} is version "
+                 f"{mv['version']}: run `make archive-champion`")  # fmt: skip
+    return version
+
+
+def deploy(cfg: Config, checks: rollout.Checks, args: argparse.Namespace) -> int:
+    """Build and push; the digest; the cloud-init and the template named after them; the rest only where missing;
+    then, on an existing group, the canary rollout of the new template."""
+    if not cfg.public_http_demo and not cfg.iap_members:
+        print("# warning: no --iap-member: IAP will let nobody through until you grant roles/iap.httpsResourceAccessor")
+    version = model_version(cfg, args)
+    n_build = len(build_commands(cfg))
+    run(build_commands(cfg), args.dry_run)
+    cfg = dataclasses.replace(cfg, digest=rollout.resolve_digest(cfg, args.dry_run),
+                              model_version=rollout.label_value(version))  # fmt: skip
+    user_data = write_cloud_init(cfg)
+    try:
+        print(f"# cloud-init rendered from deploy/cloud-init.yaml to {user_data}")
+        if not cfg.public_http_demo:
+            flags = vm_flags(cfg, "user-data")
+            cfg = dataclasses.replace(cfg, template=rollout.template_name(cfg, version, user_data.read_text(), flags))
+            print(f"# instance template {cfg.template}: model {version}, image {cfg.image_ref}")
+        run(deploy_commands(cfg, str(user_data))[n_build:], args.dry_run)
+    finally:
+        # A real run is done with the file once gcloud has read it; a dry run's commands still point at it.
+        if not args.dry_run:
+            user_data.unlink(missing_ok=True)
+    if not cfg.public_http_demo and rollout.rollout(cfg, cfg.template, checks, args.dry_run) != 0:
+        return 1
+    print_next_steps(cfg, args.dry_run)
     return 0
 
 

@@ -31,7 +31,7 @@ LB_RANGES = {"130.211.0.0/22", "35.191.0.0/16"}
 SECURE = ("--domain", DOMAIN, "--iap-member", MEMBER)
 VERBS = {"create", "delete", "describe", "add-backend", "set-named-ports", "set-autoscaling", "enable", "submit",
          "update", "update-backend", "add-iam-policy-binding", "remove-iam-policy-binding", "list-instances",
-         "list"}  # fmt: skip
+         "list", "start-update", "wait-until"}  # fmt: skip
 # Flags whose value names another resource, and that resource's kind.
 REFERENCES = {
     "--template": "compute instance-templates",
@@ -373,7 +373,8 @@ def test_shared_resources_are_created_only_when_missing(runs):
     made = {resource(c)[::2] for c in run.commands if resource(c)[1] == "create"}
     probed = set()
     for i, argv in enumerate(run.commands):
-        if resource(argv)[1] == "describe" and resource(argv)[0] != "artifacts docker images":
+        # A describe with --format reads a value (the image's digest, the group's template); the others probe.
+        if resource(argv)[1] == "describe" and not any(a.startswith("--format=") for a in argv):
             create = run.commands[i + 1]  # the runner skips the create when the describe succeeds
             assert resource(create)[::2] == resource(argv)[::2] and resource(create)[1] == "create", argv
             probed.add(resource(argv)[::2])
@@ -403,13 +404,15 @@ def test_autoscaling_on_cpu_or_requests_per_second(runs):
 
 
 def test_teardown_deletes_in_reverse_order_of_creation(runs):
-    teardown = runs["teardown"].commands
+    teardown = [a for a in runs["teardown"].commands if resource(a)[1] != "list"]  # the templates' list
     assert all(resource(argv)[1] in ("delete", "remove-iam-policy-binding") and "--quiet" in argv for argv in teardown)
     deletes = [resource(argv)[::2] for argv in teardown if resource(argv)[1] == "delete"]
-    everything = created(runs["deploy"].commands + runs["demo"].commands)
+    # Templates are named per rollout (deploy/rollout.py): teardown deletes each TEMPLATE the list shows.
+    everything = [(k, "TEMPLATE" if k == "compute instance-templates" else n)
+                  for k, n in created(runs["deploy"].commands + runs["demo"].commands)]  # fmt: skip
     assert sorted(deletes) == sorted(everything)  # everything both modes create, nothing else
     for mode in ("deploy", "demo"):  # and each mode's resources in reverse of that mode's order
-        mine = created(runs[mode].commands)
+        mine = [(k, "TEMPLATE" if k == "compute instance-templates" else n) for k, n in created(runs[mode].commands)]
         assert [d for d in deletes if d in mine] == mine[::-1], mode
     # The account's role bindings go before the account itself.
     removals = [teardown.index(a) for a in teardown if resource(a)[1] == "remove-iam-policy-binding"]
@@ -432,7 +435,7 @@ def test_rendered_cloud_init_runs_the_container_bounded_and_without_metadata_acc
     files = runs["deploy"].cloud_init()
     service = files["/etc/systemd/system/gtsrb.service"]
     argv = docker_run_argv(service)
-    # By digest; a dry run cannot know it (a real run writes it: test_real_deploy_runs_the_image_by_digest).
+    # By digest; a dry run cannot know it (a real run reads it: test_real_deploy_reuses_what_exists_and_cleans_up).
     assert argv[:2] == ["/usr/bin/docker", "run"] and argv[-1] == f"{IMAGE.rsplit(':', 1)[0]}@sha256:UNRESOLVED"
     # Locked down, with the flags docker/run.sh gives make docker-run (the container tests run those).
     locked = {"--read-only", "--cap-drop=ALL", "--security-opt=no-new-privileges", "--pids-limit=512", "--cpus=1.8",
@@ -460,8 +463,8 @@ def test_rendered_cloud_init_runs_the_container_bounded_and_without_metadata_acc
     watchdog = files["/etc/systemd/system/gtsrb-watchdog.service"]
     assert 'docker inspect -f "{{.State.Health.Status}}" gtsrb' in watchdog  # Go template braces survived
     assert "systemctl restart gtsrb.service" in watchdog
-    assert files["runcmd"] == ["systemctl daemon-reload", "systemctl start gtsrb.service",
-                               "systemctl start gtsrb-watchdog.timer", "systemctl start gtsrb-metrics.service"]  # fmt: skip
+    assert files["runcmd"][:4] == ["systemctl daemon-reload", "systemctl start gtsrb.service",
+                                   "systemctl start gtsrb-watchdog.timer", "systemctl start gtsrb-metrics.service"]  # fmt: skip
     # The demo VM boots the very same configuration.
     assert runs["demo"].user_data.read_text() == text
     bigger = DryRun("deploy", *SECURE, "--memory", "6g", "--machine-type", "e2-standard-4")
@@ -513,6 +516,8 @@ done
 case "$*" in *"--format=get(address)"*) echo 203.0.113.7; exit 0;; esac
 case "$*" in *"docker images describe"*) echo "sha256:$(printf 'ab%.0s' $(seq 32))"; exit 0;; esac
 case "$*" in *"list-instances"*) printf 'gtsrb-serve-ab12\\ngtsrb-serve-cd34\\n'; exit 0;; esac
+case "$*" in *"instanceTemplate.basename()"*)
+  sed -n 's/.*instance-templates create \\([^ ]*\\).*/\\1/p' "$FAKE_LOG" | tail -1; exit 0;; esac
 if [ -n "$FAKE_FAIL" ]; then case "$*" in *"$FAKE_FAIL"*) echo "fake failure" >&2; exit 7;; esac; fi
 case "$*" in *" describe "*)
   if [ -n "$FAKE_EXISTING" ]; then case "$*" in *"$FAKE_EXISTING"*) exit 0;; esac; fi
@@ -563,7 +568,8 @@ def test_real_run_stops_at_the_first_failure(fake_gcloud):
 def test_real_teardown_goes_on_past_missing_resources_and_reports_them(fake_gcloud):
     r, calls = fake_gcloud("teardown", FAKE_FAIL="forwarding-rules delete")
     assert r.returncode == 1
-    assert len(calls) == len(commands.teardown_commands(commands.Config(project=PROJECT, zone=ZONE)))  # all tried
+    # all tried, and the list of the templates to delete (none here)
+    assert len(calls) == len(commands.teardown_commands(commands.Config(project=PROJECT, zone=ZONE))) + 1
     assert "forwarding-rules delete" in r.stderr and "url-maps delete" not in r.stderr
 
 

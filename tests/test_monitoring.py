@@ -19,14 +19,14 @@ import yaml
 
 from tests.conftest import ROOT
 from tests.ts_server import processes_under, serving
-from tools import torchserve_ctl
+from tools import drift_check, torchserve_ctl
 from training.data import render_sign
 
 MONITORING = ROOT / "monitoring"
 ALERTS = MONITORING / "alerts.yml"
 DASHBOARD = MONITORING / "grafana" / "gtsrb.json"
-# Metrics that do not come from TorchServe: Prometheus's own and the blackbox exporter's.
-OTHER_METRICS = {"up", "probe_success"}
+# Metrics that do not come from TorchServe: Prometheus's own, the blackbox exporter's, the drift report's.
+OTHER_METRICS = {"up", "probe_success", *drift_check.METRICS}
 GRAFANA_VARS = {"$__rate_interval": "1m", "$instance": ".*"}
 
 
@@ -151,10 +151,13 @@ def stop_process(proc: subprocess.Popen) -> None:
 
 
 def prometheus_config(ts: dict, blackbox_port: int) -> dict:
-    """monitoring/prometheus.yml with the targets moved to this test's ports and a 1 s scrape/evaluation."""
+    """monitoring/prometheus.yml with the targets moved to this test's ports and a 1 s scrape/evaluation; no
+    drift exporter or Alertmanager (tests/test_alerting.py runs those)."""
     cfg = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
     cfg["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
     cfg["rule_files"] = [str(ALERTS)]
+    del cfg["alerting"]
+    cfg["scrape_configs"] = [j for j in cfg["scrape_configs"] if j["job_name"] != "gtsrb-drift"]
     jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
     jobs["gtsrb-serve"]["static_configs"] = [{"targets": [ts["metrics"].removeprefix("http://")]}]
     jobs["gtsrb-ready"]["static_configs"] = [{"targets": [f"{ts['management']}/models/gtsrb"]}]

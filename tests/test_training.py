@@ -220,5 +220,6 @@ def test_runs_are_tracked_in_mlflow_and_the_model_is_registered_with_its_lineage
         shipped["mlflow_run_id"] == first["mlflow_run_id"] and shipped["registered_version"] == versions[-2]["version"]
     )
     champion = client.get_model_version_by_alias("gtsrb-test", tracking.CHAMPION)  # the registry names the shipped one
-    assert champion.version == versions[-2]["version"] and champion.run_id == first["mlflow_run_id"]
+    assert str(champion.version) == versions[-2]["version"] and champion.run_id == first["mlflow_run_id"]
+    assert tracking.champion("gtsrb-test")["version"] == versions[-2]["version"]  # what make archive-champion packs
     assert float(champion.tags["public_test_top1"]) == shipped["evaluation"]["public_test"]["top1"]

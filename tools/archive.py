@@ -1,6 +1,7 @@
 """Pack model_store/gtsrb.mar: the TorchScript model, the handler, its modules, class names, config.
 
 python -m tools.archive [--model models/gtsrb.pt] [--export-path model_store] [--registered-version N]
+python -m tools.archive --champion gtsrb   # the MLflow version with alias `champion`: its model, its number
 
 The archive's version names the model it carries: the first 12 hex digits of the model file's sha256
 (``1e52a9c1b0d4``), after the registered MLflow model version when one is given (``v3-1e52a9c1b0d4``).
@@ -54,7 +55,20 @@ def main() -> None:
     p.add_argument("--model", type=Path, default=ROOT / "models" / "gtsrb.pt")
     p.add_argument("--export-path", type=Path, default=ROOT / "model_store")
     p.add_argument("--registered-version", help="the MLflow registered model version of --model, if any")
+    p.add_argument("--champion", metavar="NAME", help="pack the `champion` version of this MLflow registered model")
     args = p.parse_args()
+    if args.champion:
+        import tempfile
+
+        from training import tracking
+
+        version = tracking.champion(args.champion)
+        if version is None:
+            sys.exit(f"error: {args.champion} has no `champion` version: python -m training.tracking promote NAME N")
+        with tempfile.TemporaryDirectory() as tmp:
+            model = tracking.download_model(version, Path(tmp))
+            print(build(model, args.export_path, registered=version["version"]))
+        return
     print(build(args.model, args.export_path, registered=args.registered_version))
 
 

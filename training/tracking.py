@@ -5,6 +5,13 @@ SQLite store ``mlruns/mlflow.db`` with artifacts under ``mlruns/artifacts`` (the
 database store). ``make mlflow-ui`` opens it.
 
     python -m training.tracking lineage gtsrb          # the versions of a registered model and their lineage
+    python -m training.tracking promote gtsrb 3        # version 3 becomes the `champion` (what make deploy ships)
+    python -m training.tracking champion gtsrb         # which version is the champion
+
+The `champion` alias names the promoted version: the promotion gate (training/promote.py --register, through
+promote_version) moves it to a candidate that passed; `promote` above (make promote VERSION=N) moves it by hand.
+`make archive-champion` packs that version's model into the .mar (its version `v<N>-<sha12>`), and `make deploy`
+refuses an archive that is not it (deploy/gce.py).
 """
 
 import argparse
@@ -18,6 +25,7 @@ from mlflow.tracking import MlflowClient
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_STORE = ROOT / "mlruns"
 EXPERIMENT = "gtsrb"
+CHAMPION = "champion"  # the registry alias of the shipped model: what make deploy serves
 
 
 def tracking_uri() -> str:
@@ -68,7 +76,27 @@ def register(name: str, run_id: str, tags: dict) -> str:
     return mv.version
 
 
-CHAMPION = "champion"  # the registry alias of the shipped model: what make deploy serves
+def set_champion(name: str, version: str | int, alias: str = CHAMPION) -> None:
+    """Point the alias (default `champion`) at a registered version: the promotion of that model."""
+    MlflowClient(tracking_uri()).set_registered_model_alias(name, alias, str(version))
+
+
+def champion(name: str, alias: str = CHAMPION) -> dict | None:
+    """The version the alias names: {version, run_id, source, tags}; None when no version carries it."""
+    client = MlflowClient(tracking_uri())
+    try:
+        mv = client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        return None
+    return {"version": str(mv.version), "run_id": mv.run_id, "source": mv.source, "tags": dict(mv.tags)}
+
+
+def download_model(version: dict, dest: Path) -> Path:
+    """The TorchScript file of a registered version (champion()'s dict), downloaded into dest."""
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version["source"], dst_path=str(dest),
+                                                     tracking_uri=tracking_uri()))  # fmt: skip
+    (model,) = [local] if local.is_file() else sorted(local.glob("*.pt"))
+    return model
 
 
 def _flat(prefix: str, d: dict) -> dict:
@@ -101,7 +129,7 @@ def promote_version(name: str, run_id: str, model_path: Path, lineage: dict) -> 
         version = register(name, run_id, tags)
     for k, v in {**numbers, "promotion": json.dumps(lineage.get("promotion", {}))}.items():
         client.set_model_version_tag(name, str(version), k, str(v))
-    client.set_registered_model_alias(name, CHAMPION, str(version))
+    set_champion(name, version)
     return str(version)
 
 
@@ -110,16 +138,28 @@ def lineage(name: str) -> list[dict]:
     rows = []
     for mv in client.search_model_versions(f"name='{name}'"):
         run = client.get_run(mv.run_id)
-        rows.append({"version": mv.version, "run_id": mv.run_id, "source": mv.source, **mv.tags,
+        rows.append({"version": str(mv.version), "run_id": mv.run_id, "source": mv.source, **mv.tags,
                      "top1_train": run.data.metrics.get("train_top1")})  # fmt: skip
     return sorted(rows, key=lambda r: int(r["version"]))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["lineage"])
+    p.add_argument("command", choices=["lineage", "promote", "champion"])
     p.add_argument("name", nargs="?", default="gtsrb")
+    p.add_argument("version", nargs="?", help="promote: the registered version")
+    p.add_argument("--alias", default=CHAMPION)
     args = p.parse_args()
+    if args.command == "promote":
+        if not args.version:
+            p.error("promote needs a VERSION")
+        set_champion(args.name, args.version, args.alias)
+    if args.command in ("promote", "champion"):
+        found = champion(args.name, args.alias)
+        if found is None:
+            raise SystemExit(f"{args.name} has no version with alias {args.alias!r}")
+        print(json.dumps(found, indent=2))
+        return
     print(json.dumps(lineage(args.name), indent=2))
 
 

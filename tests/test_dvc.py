@@ -4,6 +4,7 @@ nothing, a changed student parameter re-runs the student's stages only, a change
 cached outputs come back from the default (local directory) remote."""
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -108,8 +109,10 @@ def test_repro_runs_the_chain_once_then_only_what_changed(project):
     )
     model = repo / "models" / "gtsrb.pt"
     assert sha256(model) != shipped  # the pipeline exported its own model
-    with zipfile.ZipFile(repo / "model_store" / "gtsrb.mar") as z:  # and archived that one, versioned by its hash
-        assert f'"modelVersion": "{sha256(model)[:12]}"' in z.read("MAR-INF/MANIFEST.json").decode()
+    # and archived that one, versioned by the version the train stage registered (its lineage) and its hash
+    registered = json.loads((repo / "models" / "gtsrb_lineage.json").read_text())["registered_version"]
+    with zipfile.ZipFile(repo / "model_store" / "gtsrb.mar") as z:
+        assert f'"modelVersion": "v{registered}-{sha256(model)[:12]}"' in z.read("MAR-INF/MANIFEST.json").decode()
     assert "top1" in (repo / "reports" / "evaluate" / "metrics.json").read_text()
     changed = {line[3:] for line in project["run"]("git", "status", "--porcelain").splitlines()}
     published = {"models/gtsrb.pt", "models/gtsrb_reference.json", "models/gtsrb_lineage.json"}

@@ -9,6 +9,8 @@ BIN := $(abspath $(VENV))/bin
 SERVE_VENV ?= .venv-serve
 SERVE_PY := $(SERVE_VENV)/bin/python
 SERVE_BIN := $(abspath $(SERVE_VENV))/bin
+# tools/torchserve_ctl.py's SERVE_PYTHON: where the tests, make docs and make bench find make serve's environment.
+export GTSRB_SERVE_PYTHON := $(SERVE_BIN)/python
 DATA ?= $(or $(GTSRB_ROOT),../shared/data)
 SPLIT ?= test
 MODEL ?= models/gtsrb.pt
@@ -93,7 +95,7 @@ test: lint $(SERVE_VENV)/.serve ## lint, then the whole test suite with a covera
 docs: $(VENV)/.dev $(SERVE_VENV)/.serve ## regenerate the docs' example answers, figure and performance numbers (tools/docs.py)
 	PATH=$(BIN):$$PATH $(PY) -m tools.docs
 
-bench: $(VENV)/.bench ## serving benchmark -> reports/bench/bench.md (ours vs stock TorchServe vs FastAPI; needs wrk; BENCH_ARGS=--quick)
+bench: $(VENV)/.bench $(SERVE_VENV)/.serve ## serving benchmark -> reports/bench/bench.md (ours vs stock TorchServe vs FastAPI; needs wrk; BENCH_ARGS=--quick)
 	@command -v wrk >/dev/null || echo "wrk is missing: apt-get install -y wrk (bench.bench tries that itself when run as root)"
 	PATH=$(BIN):$$PATH $(PY) -m bench.bench $(BENCH_ARGS)
 

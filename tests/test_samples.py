@@ -7,7 +7,7 @@ import re
 import numpy as np
 from PIL import Image
 
-from tests.conftest import NAMES, REAL_DATA, SAMPLES, SHARED_DATA
+from tests.conftest import NAMES, REAL_DATA, ROOT, SAMPLES, SHARED_DATA
 
 
 def test_one_cited_real_training_frame_per_class():
@@ -25,3 +25,8 @@ def test_one_cited_real_training_frame_per_class():
         if REAL_DATA:
             source = Image.open(SHARED_DATA / "gtsrb" / "GTSRB" / rows[f.name])
             assert np.array_equal(np.asarray(image), np.asarray(source.convert("RGB"))), f.name
+
+
+def test_make_predict_sends_a_shipped_sign_by_default():
+    default = re.search(r"^IMG \?= (\S+)$", (ROOT / "Makefile").read_text(), re.M)[1]
+    assert (ROOT / default).parent == SAMPLES and (ROOT / default).is_file()

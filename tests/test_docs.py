@@ -20,7 +20,7 @@ def test_every_generated_region_is_closed_and_known():
         text = doc.read_text()
         assert text.count("<!-- generated: ") == len(docs.regions(text)), doc
     names = {n for doc in docs.DOCS for n in docs.regions(doc.read_text())}
-    assert names == {"predict", "bad-input", "explain", "performance", "max-rps"}
+    assert names == {"predict", "bad-input", "explain", "performance", "max-rps", "grpc-latency"}
 
 
 @pytest.mark.e2e
@@ -79,3 +79,17 @@ def test_performance_regions_quote_the_last_full_report(tmp_path):
     assert "| ours | 32 | 1234.5 | 20.0 | 41.2 | 0, 0 | 301 |" in perf and "| ours | 1 | 250.0 |" in perf
     assert "READY 4.8 s after" in perf and "4.2x" in perf and "torch 2.13.0+cpu" in perf and "Test CPU" in perf
     assert "1,234 req/s at concurrency 32 (TorchServe alone, without HAProxy)" in content["max-rps"]
+
+
+def test_the_grpc_latency_region_quotes_its_report(tmp_path):
+    report = tmp_path / "grpc_latency.md"
+    report.write_text(
+        "# gRPC vs HTTP latency\n\nRun 2026-12-05 12:00 UTC with `python -m bench.grpc_latency --requests 300`: 300"
+        " requests of each kind; settings: config.properties, model-config.yaml.\n\n"
+        "| path | concurrency | p50 ms | p90 ms | p99 ms |\n|---|---:|---:|---:|---:|\n| HTTP predict | 1 | 9.1 | 9.2 | 9.3 |\n"
+    )  # the format bench.grpc_latency writes
+    region = docs.grpc_latency(report)["grpc-latency"]
+    assert region.endswith("| HTTP predict | 1 | 9.1 | 9.2 | 9.3 |\n")
+    prose = " ".join(region.split("\n\n")[0].split())  # wrapped
+    assert "2026-12-05 12:00 UTC" in prose and "`python -m bench.grpc_latency --requests 300`" in prose
+    assert "300 requests of each kind" in prose

@@ -148,6 +148,15 @@ def performance(report: Path) -> dict[str, str]:
     return {"performance": perf} | ({"max-rps": max_rps} if max_rps else {})
 
 
+def grpc_latency(report: Path) -> dict[str, str]:
+    """docs/grpc-latency.md's table, from bench.grpc_latency's report."""
+    text = report.read_text()
+    run = re.search(r"^Run (.+?) with (`.+?`)(.*)$", text, re.M)
+    table = "".join(line + "\n" for line in text.splitlines() if line.startswith("|"))
+    shown = report.relative_to(ROOT) if report.is_relative_to(ROOT) else report
+    return {"grpc-latency": wrap(f"From `{shown}` ({run[1].strip()}, {run[2]}){run[3]}") + "\n" + table}
+
+
 # ----
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -160,6 +169,12 @@ def main() -> None:
         print(f"performance numbers from {report}")
     else:
         print("no full `make bench` report in reports/bench/: the performance numbers are left as committed")
+    grpc = ROOT / "reports" / "bench" / "grpc_latency.md"
+    if grpc.exists():
+        content |= grpc_latency(grpc)
+        print(f"gRPC latency from {grpc}")
+    else:
+        print(f"no {grpc.relative_to(ROOT)} (python -m bench.grpc_latency): docs/grpc-latency.md is left as committed")
     model = ROOT / "models" / "gtsrb.pt"
     with tempfile.TemporaryDirectory(prefix="gtsrb-docs-") as tmp:
         store = archive.build(model, Path(tmp) / "model_store", registered=archive.registered_version(model)).parent

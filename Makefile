@@ -34,8 +34,10 @@ $(SERVE_VENV)/.serve: requirements/serve-lock.txt
 	$(SERVE_PY) -m pip install -q --require-hashes --find-links $(TORCH_FIND_LINKS) -r requirements/serve-lock.txt
 	touch $@
 
-$(VENV)/.dev: requirements/dev-lock.txt
+# The locked pip first: python3 -m venv's own (23.x on Python 3.11) refuses dev-lock.txt's extras (coverage[toml]).
+$(VENV)/.dev: requirements/pip-lock.txt requirements/dev-lock.txt
 	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --require-hashes -r requirements/pip-lock.txt
 	$(PY) -m pip install -q --require-hashes -r requirements/dev-lock.txt
 	touch $@
 
@@ -51,9 +53,10 @@ install: $(VENV)/.dev $(SERVE_VENV)/.serve ## create .venv (train + test + tools
 UV_COMPILE = $(BIN)/uv pip compile -q --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
   --native-tls --custom-compile-command 'make lock'
 
-lock: $(VENV)/.dev ## resolve requirements/*.txt into the hash-pinned serve-, dev- and bench-lock.txt (uv; keeps versions)
+lock: $(VENV)/.dev ## resolve requirements/*.txt into the hash-pinned serve-, dev-, bench- and pip-lock.txt (uv; keeps versions)
 	cd requirements && $(UV_COMPILE) bench.txt -o bench-lock.txt
 	cd requirements && $(UV_COMPILE) dev.txt -c bench-lock.txt -o dev-lock.txt
+	cd requirements && echo pip | $(UV_COMPILE) - -c dev-lock.txt -o pip-lock.txt
 	cd requirements && echo pip | $(UV_COMPILE) image.in - --find-links $(TORCH_FIND_LINKS) -c image-lock.txt -o serve-lock.txt
 
 teacher: $(VENV)/.dev ## train the distillation teacher (configs/teacher.yaml) -> runs/teacher/latest/best.pth

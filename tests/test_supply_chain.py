@@ -95,6 +95,7 @@ def test_make_lock_writes_one_lock_per_install_stamp():
         "bench-lock.txt": ["bench.txt"],
         "dev-lock.txt": ["dev.txt"],
         "serve-lock.txt": ["image.in"],
+        "pip-lock.txt": [],  # pip alone, at dev-lock.txt's version
     }
 
 
@@ -129,4 +130,13 @@ def test_the_makefile_installs_each_lock_with_hashes_only(lock, stamp):
     python = "$(SERVE_PY)" if stamp.startswith("$(SERVE_VENV)") else "$(PY)"
     # The serving torch is not on PyPI: its wheel comes from a local folder or PyTorch's CPU index (find-links).
     links = "--find-links $(TORCH_FIND_LINKS) " if lock == "serve-lock.txt" else ""
-    assert installs == [f"\t{python} -m pip install -q --require-hashes {links}-r requirements/{lock}"]
+    wanted = [f"\t{python} -m pip install -q --require-hashes {links}-r requirements/{lock}"]
+    if lock == "dev-lock.txt":  # the venv is new there: the locked pip first, then the lock
+        assert "requirements/pip-lock.txt" in rule.group(1).split()
+        wanted.insert(0, "\t$(PY) -m pip install -q --require-hashes -r requirements/pip-lock.txt")
+    assert installs == wanted
+
+
+def test_the_locked_pip_is_dev_locks_pip():
+    (pip,) = lock_entries("pip-lock.txt")
+    assert pip.startswith("pip==") and lock_entries("pip-lock.txt")[pip] == lock_entries("dev-lock.txt")[pip]

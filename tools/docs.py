@@ -8,9 +8,10 @@ free ports, and rewrites, in README.md, deploy/README.md and docs/*.md, every re
 
     <!-- generated: NAME (make docs) -->   and   <!-- end: NAME -->
 
-with the server's answers for the shipped samples/14-stop.png (and two bad inputs), and the performance numbers
-of the newest full `make bench` report in reports/bench/ (quick ones are skipped). Without such a report those
-regions are left as they are, and it says so. It also redraws docs/explanations.png from the running server.
+with the server's answers for the shipped samples/14-stop.png (and two bad inputs), the performance numbers of
+the newest full `make bench` report in reports/bench/ (quick ones are skipped), and the table of the last
+`python -m bench.grpc_latency` report (reports/bench/grpc_latency.md). Without a report its regions are left as
+they are, and it says so. It also redraws docs/explanations.png from the running server.
 Edit this module, not the regions: tests/test_docs.py fails when the README's answers are not the served ones.
 """
 

@@ -134,9 +134,9 @@ def performance(report: Path) -> dict[str, str]:
             f"| {row['server']} | {row['concurrency']} | {row['req/s']} | {row['p50 ms']} | {row['p99 ms']} "
             f"| {errors} | {row['worker RSS MiB (peak, sum)']} |\n"
         )
-    busy = "\n**That machine was busy during the run: the numbers are low.**\n" if r["busy"] else ""
+    busy = "**That machine was busy during the run: the numbers are low.**\n\n" if r["busy"] else ""
     bullets = "".join(f"- {b}\n" for b in r["bullets"])
-    perf = f"{wrap(f'From {source}:')}\n{busy}\n{table}\n{bullets}"
+    perf = f"{wrap(f'From {source}:')}\n{busy}{table}\n{bullets}"
     c32 = {row["server"]: row for row in r["rows"] if row["concurrency"] == "32"}
     server = "container" if "container" in c32 else "ours"
     max_rps = ""

@@ -174,8 +174,10 @@ def main(argv=None) -> None:
         print("[ours] building the archive and starting TorchServe", flush=True)
         store = work / "ours" / "model_store"
         archive.build(model=servers.MODEL, export_path=store)
-        with torchserve_ctl.serving(work / "ours", store, servers.CONFIG) as ts:
-            notes.append(f"ours: {ts.workers} workers READY")
+        t0 = time.monotonic()
+        # What `make serve` serves: the serving environment (.venv-serve, the container's CPU-only torch).
+        with torchserve_ctl.serving(work / "ours", store, servers.CONFIG, python=torchserve_ctl.SERVE_PYTHON) as ts:
+            notes.append(f"ours: {ts.workers} workers READY {time.monotonic() - t0:.1f} s after TorchServe was started")
             run("ours", ts.urls["inference"], lambda: torchserve_processes(ts.proc.pid), ts.urls["metrics"])
 
         if args.container:

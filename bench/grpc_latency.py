@@ -6,12 +6,15 @@ Starts our TorchServe (tools.torchserve_ctl.serving, config.properties plus any 
 the shipped model, then sends the same PNGs through each path, interleaved request by request so that both
 see the same machine: HTTP ``PUT /predictions/gtsrb`` on a persistent connection (one per client thread),
 gRPC ``Predictions`` on one persistent channel; and the model-free ``GET /ping`` / gRPC ``Ping``, which
-separate the transport from the model path. Prints a markdown table of p50/p90/p99 in ms (docs/grpc-latency.md).
+separate the transport from the model path. Prints a markdown table of p50/p90/p99 in ms and writes it to
+``--output`` (reports/bench/grpc_latency.md), which `make docs` quotes in docs/grpc-latency.md.
 """
 
 import argparse
+import datetime
 import http.client
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -23,7 +26,7 @@ from google.protobuf import empty_pb2
 from bench.inputs import DATA_ROOT, make_images
 from tools import archive
 from tools.grpc_client import Client
-from tools.torchserve_ctl import ROOT, serving
+from tools.torchserve_ctl import ROOT, SERVE_PYTHON, serving
 
 
 def http_calls(url: str):
@@ -84,13 +87,15 @@ def main() -> None:
     p.add_argument("--model-config", type=Path, default=archive.MODEL_CONFIG)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config.properties overrides")
     p.add_argument("--no-ping", action="store_true", help="only the two prediction paths")
+    p.add_argument("--output", type=Path, default=ROOT / "reports" / "bench" / "grpc_latency.md")
     args = p.parse_args()
+    started = datetime.datetime.now().astimezone()
     extra = dict(kv.split("=", 1) for kv in args.set)
     with tempfile.TemporaryDirectory(prefix="grpc-latency-") as tmp:
         base = Path(tmp)
         images = [f.read_bytes() for f in make_images(DATA_ROOT, base / "images", 43)]
         archive.build(ROOT / "models" / "gtsrb.pt", base / "model_store", config=args.model_config)
-        with serving(base / "ts", base / "model_store", extra=extra) as ts:
+        with serving(base / "ts", base / "model_store", extra=extra, python=SERVE_PYTHON) as ts:  # as make serve
             grpc_client = Client(base / "grpc", ts.ports["grpc_inference"])
             try:
                 h_predict, h_ping = http_calls(ts.urls["inference"])
@@ -102,12 +107,19 @@ def main() -> None:
                 rows = [(c, run(calls, images, args.requests, c)) for c in args.concurrency]
             finally:
                 grpc_client.close()
-    print(f"\n{args.requests} requests of each kind; settings: {extra or 'config.properties'}, "
-          f"{args.model_config.name}\n")  # fmt: skip
-    print("| path | concurrency | p50 ms | p90 ms | p99 ms |\n|---|---:|---:|---:|---:|")
+    text = (
+        f"# gRPC vs HTTP latency\n\nRun {started:%Y-%m-%d %H:%M %Z} with `python -m bench.grpc_latency "
+        f"{' '.join(sys.argv[1:])}`: {args.requests} requests of each kind; settings: "
+        f"{extra or 'config.properties'}, {args.model_config.name}.\n\n"
+        "| path | concurrency | p50 ms | p90 ms | p99 ms |\n|---|---:|---:|---:|---:|\n"
+    )
     for c, times in rows:
         for kind, xs in times.items():
-            print(f"| {kind} | {c} | {pct(xs, 50):.1f} | {pct(xs, 90):.1f} | {pct(xs, 99):.1f} |")
+            text += f"| {kind} | {c} | {pct(xs, 50):.1f} | {pct(xs, 90):.1f} | {pct(xs, 99):.1f} |\n"
+    print("\n" + text)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text)
+    print(f"report written to {args.output}")
 
 
 if __name__ == "__main__":

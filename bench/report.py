@@ -39,6 +39,7 @@ def machine_info() -> dict:
         "OS": platform.platform(),
         "Python": platform.python_version(),
         "torch": torch.__version__,
+        "torch of ours (.venv-serve)": serving_torch(),
         "torchserve": version("torchserve"),
         "torch-model-archiver": version("torch-model-archiver"),
         "captum": version("captum"),
@@ -46,6 +47,17 @@ def machine_info() -> dict:
         "Java": java[0] if java else "none",
         "wrk": wrk[0].split("Copyright")[0].strip() if wrk else "none",
     }
+
+
+def serving_torch() -> str:
+    """The torch version of make serve's environment, which serves "ours"."""
+    from tools.torchserve_ctl import SERVE_PYTHON
+
+    cmd = [str(SERVE_PYTHON), "-c", "import torch; print(torch.__version__)"]
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout.strip() or "?"
+    except OSError:
+        return "not installed"
 
 
 def table(rows: list[dict]) -> str:
@@ -173,7 +185,7 @@ spent in the model's queue, batch window included; "-" where the server exports 
 
 - **ours**: TorchServe {info["torchserve"]}, the project's archive (`tools/archive.py`: TorchScript model,
   `handler/gtsrb_handler.py`), `config.properties` with only the listeners moved to free loopback ports, and
-  `log4j2.xml`; the torch of the local environment.
+  `log4j2.xml`; served from `make serve`'s environment (.venv-serve: the container's CPU-only torch).
 - **container** (with `--container IMAGE`): the serving image of `make docker-build` (CPU-only torch, the same
   archive and settings), driven at the container's own address on the Docker bridge (no userland proxy).
 - **stock**: TorchServe with its defaults: a config.properties holding only the ports (loopback) and token

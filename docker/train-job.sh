@@ -17,11 +17,8 @@ python -m training.train -c training/configs/teacher.yaml --data-root "$DATA_ROO
   "${extra[@]}"
 python -m training.train -c training/configs/gtsrb.yaml --data-root "$DATA_ROOT" --output "$work/runs/gtsrb" \
   --teacher "$work/runs/teacher/latest/best.pth" --export "$work/models/gtsrb.pt" --register gtsrb "${extra[@]}"
-# The archive's version: the model's hash, after its registered MLflow version (models/gtsrb_lineage.json).
-registered=$(python -c 'import json, sys; print(json.load(open(sys.argv[1])).get("registered_version") or "")' \
-  "$work/models/gtsrb_lineage.json")
-python -m tools.archive --model "$work/models/gtsrb.pt" --export-path "$work/model_store" \
-  ${registered:+--registered-version "$registered"}
+# The archive's version: the model's hash, after its registered MLflow version (read from models/gtsrb_lineage.json).
+python -m tools.archive --model "$work/models/gtsrb.pt" --export-path "$work/model_store"
 
 mkdir -p "$OUTPUT"
 cp -r "$work/runs" "$work/models" "$work/model_store" "$OUTPUT/"

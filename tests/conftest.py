@@ -19,17 +19,16 @@ SHARED_DATA = Path(os.environ.get("GTSRB_SHARED_DATA") or ROOT.parent / "shared"
 REAL_DATA = (SHARED_DATA / "gtsrb" / "GTSRB" / "Training").is_dir()
 MODEL = ROOT / "models" / "gtsrb.pt"
 NAMES = json.loads((ROOT / "handler" / "index_to_name.json").read_text())
-NO_REAL_DATA = f"real GTSRB data not found at {SHARED_DATA}: this test is about the real signs"
+# Real signs committed with the project (samples/README.md): one GTSRB training frame per class, "NN-name.png".
+SAMPLES = ROOT / "samples"
 # The sign classes the tests send; 14 (Stop) is the one the handler tests transform.
 SIGN_CLASSES = (1, 12, 13, 14, 17, 25, 33, 38)
 
 
-@pytest.fixture(scope="session")
-def real_gtsrb_root() -> Path:
-    """The real GTSRB training split (read-only, never committed); skips without it."""
-    if not REAL_DATA:
-        pytest.skip(NO_REAL_DATA)
-    return SHARED_DATA
+def sample(cls: int) -> Path:
+    """The shipped real sign of class ``cls``."""
+    (path,) = SAMPLES.glob(f"{cls:02d}-*.png")
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -43,42 +42,17 @@ def gtsrb_root(tmp_path_factory) -> Path:
     return make_synthetic(tmp_path_factory.mktemp("gtsrb"), tracks_per_class=6, frames=5, test_per_class=0)
 
 
-def _track_end(root: Path, cls: int) -> Path:
-    """A real track's end frame (the sharpest): what real_signs were always made of."""
-    return sorted((root / "gtsrb" / "GTSRB" / "Training" / f"{cls:05d}").glob("*_00029.ppm"))[0]
+@pytest.fixture(scope="session")
+def real_signs() -> list[tuple[Path, int]]:
+    """Real GTSRB training frames shipped in samples/ (path, true class), one per SIGN_CLASSES entry."""
+    return [(sample(cls), cls) for cls in SIGN_CLASSES]
 
 
 @pytest.fixture(scope="session")
-def real_signs(real_gtsrb_root) -> list[tuple[Path, int]]:
-    """A few real training images (path, true class); skips without the real data."""
-    return [(_track_end(real_gtsrb_root, cls), cls) for cls in SIGN_CLASSES]
-
-
-@pytest.fixture(scope="session")
-def signs(gtsrb_root) -> list[tuple[Path, int]]:
-    """(path, class the served model must answer), one image per SIGN_CLASSES entry, in that order.
-
-    Real data: real_signs with their true class. Synthetic: of each class's drawings, the one the shipped model
-    is surest of, with the model's own (in-process) answer, which need not be the drawn class: the shipped model
-    learnt real signs. Sure answers survive re-encoding and resizing, so served answers must equal them."""
-    if REAL_DATA:
-        return [(_track_end(gtsrb_root, cls), cls) for cls in SIGN_CLASSES]
-    import torch
-    from PIL import Image
-
-    from handler.presets import EvalPreset
-    from training import export
-
-    model = export.load(MODEL)
-    preset = EvalPreset(size=int(model.image_size))
-    picks = []
-    for cls in SIGN_CLASSES:
-        paths = sorted((gtsrb_root / "gtsrb" / "GTSRB" / "Training" / f"{cls:05d}").glob("*.ppm"))
-        with torch.inference_mode():
-            probs = torch.softmax(model(torch.stack([preset(Image.open(p).convert("RGB")) for p in paths])), 1)
-        best = int(probs.max(1).values.argmax())
-        picks.append((paths[best], int(probs[best].argmax())))
-    return picks
+def signs(real_signs) -> list[tuple[Path, int]]:
+    """(path, class the served model must answer), one image per SIGN_CLASSES entry, in that order: the shipped
+    real signs and their true class (the shipped model must get these right)."""
+    return real_signs
 
 
 @pytest.fixture(scope="session")

@@ -116,8 +116,10 @@ def test_repro_runs_the_chain_once_then_only_what_changed(project):
     assert lineage["promotion"]["decision"] == "override" and lineage["promotion"]["override"] == OVERRIDE
     assert "does not beat shipped" in lineage["promotion"]["gate"]
     assert {"held_out_tracks", "public_test", "temperature"} <= set(lineage["evaluation"])
-    with zipfile.ZipFile(repo / "model_store" / "gtsrb.mar") as z:  # and archived that one, versioned by its hash
-        assert f'"modelVersion": "{sha256(model)[:12]}"' in z.read("MAR-INF/MANIFEST.json").decode()
+    # and archived that one, versioned by the version the train stage registered (its lineage) and its hash
+    with zipfile.ZipFile(repo / "model_store" / "gtsrb.mar") as z:
+        manifest = z.read("MAR-INF/MANIFEST.json").decode()
+        assert f'"modelVersion": "v{lineage["registered_version"]}-{sha256(model)[:12]}"' in manifest
     assert "top1" in (repo / "reports" / "evaluate" / "metrics.json").read_text()
     changed = {line[3:] for line in project["run"]("git", "status", "--porcelain").splitlines()}
     published = {"models/gtsrb.pt", "models/gtsrb_reference.json", "models/gtsrb_lineage.json"}

@@ -1,6 +1,7 @@
 """Every install is pinned by hash: the image installs requirements/image-lock.txt (make docker-lock), the Makefile's
-stamps serve-, dev- and bench-lock.txt (make lock), all with pip --require-hashes. Offline checks that the locks are
-not stale; tests/test_container.py checks the built image against its lock."""
+stamps serve-, dev- and bench-lock.txt (make lock), all with pip --require-hashes; make serve installs what the image
+installs. Offline checks that the locks are not stale; tests/test_container.py checks the built image against its
+lock."""
 
 import re
 
@@ -49,11 +50,16 @@ def make_lock_inputs() -> dict[str, list[str]]:
     locks = {}
     for args, lock in re.findall(r"\$\(UV_COMPILE\) (.*?) -o (\S+)", recipe):
         words = args.split()
-        locks[lock] = [w for i, w in enumerate(words) if w.endswith(".txt") and words[i - 1] != "-c"]
+        locks[lock] = [w for i, w in enumerate(words) if w.endswith((".txt", ".in")) and words[i - 1] != "-c"]
     return locks
 
 
-LOCAL_LOCKS = {"serve-lock.txt": ".serve", "dev-lock.txt": ".dev", "bench-lock.txt": ".bench"}
+# lock -> the Makefile's stamp that installs it: the serving environment (.venv-serve) and .venv's two.
+LOCAL_LOCKS = {
+    "serve-lock.txt": "$(SERVE_VENV)/.serve",
+    "dev-lock.txt": "$(VENV)/.dev",
+    "bench-lock.txt": "$(VENV)/.bench",
+}
 
 
 @pytest.mark.parametrize("lock", ["image-lock.txt", *LOCAL_LOCKS])
@@ -88,8 +94,16 @@ def test_make_lock_writes_one_lock_per_install_stamp():
     assert make_lock_inputs() == {
         "bench-lock.txt": ["bench.txt"],
         "dev-lock.txt": ["dev.txt"],
-        "serve-lock.txt": ["torch.txt", "serve.txt"],
+        "serve-lock.txt": ["image.in"],
+        "pip-lock.txt": [],  # pip alone, at dev-lock.txt's version
     }
+
+
+def test_make_serve_installs_what_the_image_installs():
+    """serve-lock.txt is the image's lock plus pip: the same packages, versions and hashes, torch 2.13.0+cpu too."""
+    image, serve = lock_entries("image-lock.txt"), lock_entries("serve-lock.txt")
+    assert {k: v for k, v in serve.items() if not k.startswith("pip==")} == image
+    assert any(k.startswith("pip==") for k in serve) and any(k.endswith("+cpu") for k in image)
 
 
 @pytest.mark.parametrize("lock", LOCAL_LOCKS)
@@ -110,7 +124,19 @@ def test_local_lock_holds_every_pin_of_its_inputs(lock):
 
 @pytest.mark.parametrize(("lock", "stamp"), LOCAL_LOCKS.items())
 def test_the_makefile_installs_each_lock_with_hashes_only(lock, stamp):
-    rule = re.search(rf"^\$\(VENV\)/{stamp}: (.*)\n((?:\t.*\n)+)", MAKEFILE, re.M)
+    rule = re.search(rf"^{re.escape(stamp)}: (.*)\n((?:\t.*\n)+)", MAKEFILE, re.M)
     assert f"requirements/{lock}" in rule.group(1).split()  # a new lock reinstalls
     installs = [line for line in rule.group(2).splitlines() if "pip install" in line]
-    assert installs == [f"\t$(PY) -m pip install -q --require-hashes -r requirements/{lock}"]
+    python = "$(SERVE_PY)" if stamp.startswith("$(SERVE_VENV)") else "$(PY)"
+    # The serving torch is not on PyPI: its wheel comes from a local folder or PyTorch's CPU index (find-links).
+    links = "--find-links $(TORCH_FIND_LINKS) " if lock == "serve-lock.txt" else ""
+    wanted = [f"\t{python} -m pip install -q --require-hashes {links}-r requirements/{lock}"]
+    if lock == "dev-lock.txt":  # the venv is new there: the locked pip first, then the lock
+        assert "requirements/pip-lock.txt" in rule.group(1).split()
+        wanted.insert(0, "\t$(PY) -m pip install -q --require-hashes -r requirements/pip-lock.txt")
+    assert installs == wanted
+
+
+def test_the_locked_pip_is_dev_locks_pip():
+    (pip,) = lock_entries("pip-lock.txt")
+    assert pip.startswith("pip==") and lock_entries("pip-lock.txt")[pip] == lock_entries("dev-lock.txt")[pip]

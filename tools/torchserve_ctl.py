@@ -8,7 +8,10 @@ TorchServe's /ping answers "Healthy" even when the model failed to load, so read
 the management API. Ready (traffic may be sent) means at least one worker READY: while TorchServe restarts
 a dead worker the other keeps answering, so readiness degrades instead of flapping. A start waits for all
 of them. serving() is the whole lifecycle on free ports (start, wait READY, always stop), used by the
-benchmark and the soak test.
+benchmark, the soak test and tools/docs.py.
+
+TorchServe runs from the environment of the Python it is given (its workers run that Python): this one's by
+default; ``SERVE_PYTHON`` is the serving environment of ``make serve`` (.venv-serve, the container's CPU-only torch).
 """
 
 import argparse
@@ -30,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "gtsrb"
 LOG_CONFIG = ROOT / "log4j2.xml"  # the frontend's logging: no per-request debug lines (see the file)
+# make serve's environment (the Makefile passes its own as GTSRB_SERVE_PYTHON); not resolved: a venv's python is a link.
+SERVE_PYTHON = Path(os.environ.get("GTSRB_SERVE_PYTHON") or ROOT / ".venv-serve" / "bin" / "python")
 
 
 def java_major() -> int | None:
@@ -125,16 +130,23 @@ def wait_ready(management: str, timeout: float, model: str = MODEL, proc: subpro
     raise TimeoutError(f"model {model!r} not READY after {timeout:.0f}s: {model_status(management, model)['workers']}")
 
 
-def _torchserve() -> str:
-    """The launcher of this interpreter's environment (an absolute path: TorchServe runs in log_dir)."""
-    here = Path(sys.executable).parent / "torchserve"
+def _bin(python: Path | None) -> Path:
+    """The bin folder of ``python``'s environment (None: this interpreter's), not resolved."""
+    return Path(os.path.abspath(python or sys.executable)).parent
+
+
+def _torchserve(python: Path | None = None) -> str:
+    """The launcher of ``python``'s environment (an absolute path: TorchServe runs in log_dir)."""
+    here = _bin(python) / "torchserve"
+    if python is not None and not here.exists():
+        raise FileNotFoundError(f"{here} is missing: install the serving environment first (make serve)")
     return str(here) if here.exists() else (shutil.which("torchserve") or "torchserve")
 
 
-def _env(log_dir: Path, tmpdir: Path | None, extra: dict | None = None) -> dict:
+def _env(log_dir: Path, tmpdir: Path | None, extra: dict | None = None, python: Path | None = None) -> dict:
     env = {**os.environ, **(extra or {}), "LOG_LOCATION": str(log_dir), "METRICS_LOCATION": str(log_dir)}
-    # This interpreter's environment first on the server's search path, whatever the caller's PATH.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    # The server's environment first on its search path, whatever the caller's PATH.
+    env["PATH"] = f"{_bin(python)}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("TS_METRICS_CONFIG", str(ROOT / "metrics.yaml"))  # declares the handler's metrics
     if tmpdir is not None:  # TorchServe keeps its pid file in the temp dir: one dir per instance
         tmpdir.mkdir(parents=True, exist_ok=True)
@@ -153,11 +165,13 @@ def start(
     foreground: bool = False,
     log_config: Path | None = LOG_CONFIG,
     env: dict | None = None,
+    python: Path | None = None,
 ) -> subprocess.Popen:
     """Launch TorchServe; returns the launcher process (with foreground=True, the server itself).
 
     ``log_config=None`` keeps TorchServe's built-in logging (the stock recipe of the benchmark); ``env``
-    adds to (or overrides) this process's environment for the server.
+    adds to (or overrides) this process's environment for the server; ``python`` picks the environment that
+    serves (None: this interpreter's).
     """
     check_java()
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -166,7 +180,7 @@ def start(
     workflows = log_dir / "empty-workflow-store"
     workflows.mkdir(mode=0o700, exist_ok=True)
     cmd = [
-        _torchserve(), "--start", "--ncs", "--disable-token-auth", "--ts-config", str(config),
+        _torchserve(python), "--start", "--ncs", "--disable-token-auth", "--ts-config", str(config),
         "--model-store", str(model_store), "--workflow-store", str(workflows), "--models", f"{MODEL}={MODEL}.mar",
     ]  # fmt: skip
     if foreground:
@@ -174,7 +188,8 @@ def start(
     if log_config is not None:
         cmd += ["--log-config", str(log_config)]
     with open(log_dir / "torchserve.out", "w") as out:
-        return subprocess.Popen(cmd, cwd=log_dir, env=_env(log_dir, tmpdir, env), stdout=out, stderr=subprocess.STDOUT)
+        env = _env(log_dir, tmpdir, env, python)
+        return subprocess.Popen(cmd, cwd=log_dir, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
 def busy(management: str, model: str = MODEL) -> bool | None:
@@ -220,13 +235,19 @@ def drain(management: str, timeout: float, model: str = MODEL) -> bool:
     return True
 
 
-def stop(log_dir: Path, tmpdir: Path | None = None, management: str | None = None, drain_timeout: float = 30) -> bool:
+def stop(
+    log_dir: Path,
+    tmpdir: Path | None = None,
+    management: str | None = None,
+    drain_timeout: float = 30,
+    python: Path | None = None,
+) -> bool:
     """Stop TorchServe and wait until it has exited; first, with ``management``, drain (see drain()).
     Returns False when the drain timed out (requests in flight may then have been cut)."""
     drained = drain(management, drain_timeout) if management else True
     # --foreground makes --stop wait (up to 60 s) until the frontend has exited.
-    cmd = [_torchserve(), "--stop", "--foreground"]
-    subprocess.run(cmd, capture_output=True, env=_env(log_dir, tmpdir), timeout=90)
+    cmd = [_torchserve(python), "--stop", "--foreground"]
+    subprocess.run(cmd, capture_output=True, env=_env(log_dir, tmpdir, python=python), timeout=90)
     return drained
 
 
@@ -246,9 +267,11 @@ def serving(
     env: dict | None = None,
     log_config: Path | None = LOG_CONFIG,
     timeout: float = 180,
+    python: Path | None = None,
 ) -> typing.Iterator[Server]:
     """TorchServe serving ``model_store`` with a copy of ``config`` (None: TorchServe's defaults) whose
-    listeners are moved to free loopback ports, plus ``extra`` settings; config, logs and temp dir in ``base``.
+    listeners are moved to free loopback ports, plus ``extra`` settings; config, logs and temp dir in ``base``;
+    from ``python``'s environment (None: this interpreter's, SERVE_PYTHON: make serve's).
     Yields once the model is READY; always stopped, and any process it left behind is killed."""
     import psutil  # only here: the container's HEALTHCHECK imports this module every 10 s
 
@@ -256,7 +279,16 @@ def serving(
     ports = free_ports()
     urls = write_config(config, base / "config.properties", ports, extra)
     logs, tmp = base / "logs", base / "tmp"
-    proc = start(base / "config.properties", model_store, logs, tmp, foreground=True, log_config=log_config, env=env)
+    proc = start(
+        base / "config.properties",
+        model_store,
+        logs,
+        tmp,
+        foreground=True,
+        log_config=log_config,
+        env=env,
+        python=python,
+    )
     spawned: list = []
     try:
         try:
@@ -268,7 +300,7 @@ def serving(
     finally:
         with contextlib.suppress(psutil.Error):
             spawned += psutil.Process(proc.pid).children(recursive=True)
-        stop(logs, tmpdir=tmp)
+        stop(logs, tmpdir=tmp, python=python)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -339,7 +371,7 @@ def main() -> None:
         sys.exit(f"{e}\nSee {args.log_dir}/model_log.log and {args.log_dir}/ts_log.log")
     inference = props.get("inference_address", "http://127.0.0.1:8080")
     print(f"{MODEL} READY ({len(status['workers'])} workers) in {time.monotonic() - t0:.1f}s")
-    print(f"  curl -T sign.png {inference}/predictions/{MODEL}")
+    print(f"  curl -T samples/14-stop.png {inference}/predictions/{MODEL}")
 
 
 if __name__ == "__main__":

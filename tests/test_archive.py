@@ -95,9 +95,13 @@ def test_make_archive_carries_the_registered_version_to_torchserve_and_the_input
         assert a.status_code == b.status_code == 200 and a.json() == b.json()
         metrics = requests.get(f"{urls['metrics']}/metrics", timeout=5).text
         assert all(name in metrics for name in worker_names)  # WorkerLoadTime{WorkerName="W-9000-gtsrb_<version>"}
-        log = tmp_path / "ts" / "logs" / "gtsrb_inputs.jsonl"
+        logs = tmp_path / "ts" / "logs"
+
+        def logged() -> list[str]:  # one input log per worker: gtsrb_inputs.jsonl.w<port>
+            return [line for f in sorted(logs.glob("gtsrb_inputs.jsonl*")) for line in f.read_text().splitlines()]
+
         deadline = time.monotonic() + 30  # the handler's monitor thread writes once a second
-        while time.monotonic() < deadline and len(log.read_text().splitlines() if log.exists() else []) < 2:
+        while time.monotonic() < deadline and len(logged()) < 2:
             time.sleep(0.2)
-        rows = [json.loads(line) for line in log.read_text().splitlines()]
+        rows = [json.loads(line) for line in logged()]
         assert len(rows) == 2 and {row["model_version"] for row in rows} == {version}

@@ -78,7 +78,7 @@ def _train(tmp_path, *extra) -> dict:
                 "--arch",
                 "cnn_teacher",
                 "--epochs",
-                "3",
+                "6",
                 "--batch-size",
                 "32",
                 "--resolution",

@@ -227,7 +227,9 @@ def test_bad_log_lines_are_skipped_and_counted_and_the_result_is_a_metrics_file(
          "--log", f"{path}*", "--textfile", str(prom)],
         cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip
-    assert run.returncode == 1 and "300 served requests, 4 malformed log lines skipped" in run.stdout, run.stdout
+    n = len(classes)  # 300, or all the synthetic set holds where ../shared is absent
+    assert n >= 200
+    assert run.returncode == 1 and f"{n} served requests, 4 malformed log lines skipped" in run.stdout, run.stdout
     assert "DRIFT in: " in run.stdout and "Traceback" not in run.stderr
     text = prom.read_text()
     assert "gtsrb_drift_bad_lines 4\n" in text and "gtsrb_drift_detected 1\n" in text

@@ -62,7 +62,7 @@ def evaluate_run(
     test = public_test(public_root or data_root)
 
     use_ema = weights == "ema" and bool(ckpt.get("ema"))
-    model = create_model(args["num_classes"], args["resolution"], arch=args["arch"])
+    model = create_model(args["num_classes"], args["resolution"], arch=args["arch"], input_norm=args.get("input_norm", "dataset"))
     model.load_state_dict(ckpt["ema"] if use_ema else ckpt["model"])
     model.eval()
     result = {"checkpoint": checkpoint, "epoch": ckpt["epoch"], "weights": "ema" if use_ema else "raw"}
@@ -76,7 +76,15 @@ def evaluate_run(
             **measure(held / model.temperature, val_y), "ece_uncalibrated": round(metrics.calibration_error(held, val_y), 6),
             "tracks": n_tracks, "val_fraction": args["val_fraction"], "seed": args["seed"],
         }  # fmt: skip
+    elif args.get("calibration_temperature"):
+        # No held-out tracks (val_fraction 0): the recipe's temperature, fitted on the held-out tracks of a run of
+        # the same recipe that held them out (training/README.md names it).
+        model.temperature.fill_(args["calibration_temperature"])
     result["temperature"] = round(model.temperature.item(), 4)
+    result["temperature_source"] = (
+        "fitted on the held-out tracks" if held is not None
+        else "the recipe's calibration_temperature" if args.get("calibration_temperature") else "none (1.0)"
+    )  # fmt: skip
     model_path = export.save(model, run_dir / "model.pt")
     scripted = export.load(model_path)
     if test is not None:
@@ -87,7 +95,7 @@ def evaluate_run(
             "data_fingerprint": gdata.fingerprint(test["paths"]),
         }  # fmt: skip
     if ckpt.get("ema"):  # one run gives both: the other weights of the same run, same data (a diagnostic)
-        other = create_model(args["num_classes"], args["resolution"], arch=args["arch"])
+        other = create_model(args["num_classes"], args["resolution"], arch=args["arch"], input_norm=args.get("input_norm", "dataset"))
         other.load_state_dict(ckpt["model"] if use_ema else ckpt["ema"])
         key = "raw_weights" if use_ema else "ema_weights"
         result[key] = {}

@@ -37,12 +37,22 @@ class TeacherCNN(nn.Sequential):
         super().__init__(*layers)
 
 
+INPUT_NORMS = ("dataset", "image")
+
+
 class GTSRBClassifier(nn.Module):
-    def __init__(self, net: nn.Module, resolution: int) -> None:
+    """``input_norm``: "dataset" scales every frame by the training set's mean/std; "image" standardises each frame
+    by its own mean and spread (all pixels and channels together, so colour survives): a dark or flat photo reaches
+    the net with the contrast of a bright one."""
+
+    def __init__(self, net: nn.Module, resolution: int, input_norm: str = "dataset") -> None:
         super().__init__()
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm must be one of {INPUT_NORMS}, not {input_norm!r}")
         self.net = net
         self.resolution = resolution
         self.image_size = IMAGE_SIZE
+        self.image_norm = input_norm == "image"
         # 1/255 folded into the normalisation.
         self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(STD).view(1, 3, 1, 1)))
         self.register_buffer("shift", torch.tensor(MEAN).view(1, 3, 1, 1) / torch.tensor(STD).view(1, 3, 1, 1))
@@ -52,7 +62,13 @@ class GTSRBClassifier(nn.Module):
         self.register_buffer("temperature", torch.ones(()), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float() * self.scale - self.shift
+        if self.image_norm:
+            x = x.float()
+            mean = x.mean(dim=(1, 2, 3), keepdim=True)
+            spread = (x - mean).square().mean(dim=(1, 2, 3), keepdim=True).sqrt()
+            x = (x - mean) / (spread + 4.0)  # +4 grey levels: a uniform frame stays ~0 instead of amplified noise
+        else:
+            x = x.float() * self.scale - self.shift
         if x.shape[-1] != self.resolution:
             x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
         return self.net(x) / self.temperature
@@ -67,9 +83,10 @@ def create_model(
     pretrained_file: str | None = None,
     drop_rate: float = 0.0,
     drop_path_rate: float = 0.0,
+    input_norm: str = "dataset",
 ) -> GTSRBClassifier:
     if arch == TEACHER_ARCH:
-        return GTSRBClassifier(TeacherCNN(num_classes, drop_rate), resolution)
+        return GTSRBClassifier(TeacherCNN(num_classes, drop_rate), resolution, input_norm)
     kwargs = {}
     if pretrained_file:  # local timm weights; the classifier head is re-initialised for 43 classes
         kwargs["pretrained_cfg_overlay"] = {"file": pretrained_file}
@@ -81,4 +98,4 @@ def create_model(
         drop_path_rate=drop_path_rate,
         **kwargs,
     )
-    return GTSRBClassifier(net, resolution)
+    return GTSRBClassifier(net, resolution, input_norm)

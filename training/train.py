@@ -58,6 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--resolution", type=int, help="working resolution of the net (input upsampled)")
     g.add_argument("--pretrained", action="store_true", help="start from timm's ImageNet weights (needs internet)")
     g.add_argument("--pretrained-file", help="start from local timm weights (.pth/.safetensors)")
+    g.add_argument("--input-norm", choices=["dataset", "image"], help="dataset mean/std, or each frame's own")
     g.add_argument("--drop-rate", type=float)
     g.add_argument("--drop-path-rate", type=float)
     g = p.add_argument_group("optimisation")
@@ -84,6 +85,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--register", default="", help="register the model as a new version of this MLflow model name")
     g.add_argument("--public-root", help="GTSRB root holding the public test half (default: the data root)")
     g.add_argument("--promote-override", metavar="REASON", help="--export even when the promotion gate refuses")
+    g.add_argument(
+        "--calibration-temperature", type=float,
+        help="softmax temperature baked in when no tracks are held out (0 = fit it on the held-out tracks)",
+    )  # fmt: skip
     g.add_argument("--seed", type=int)
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
@@ -283,7 +288,7 @@ def main(args) -> dict:
 
     model = create_model(
         gdata.NUM_CLASSES, args.resolution, arch=args.arch, pretrained=args.pretrained, pretrained_file=args.pretrained_file,
-        drop_rate=args.drop_rate, drop_path_rate=args.drop_path_rate,
+        drop_rate=args.drop_rate, drop_path_rate=args.drop_path_rate, input_norm=args.input_norm,
     ).to(args.device, memory_format=torch.channels_last)  # fmt: skip
     # No weight decay on biases and BatchNorm parameters.
     decay = [p for p in model.parameters() if p.ndim > 1]

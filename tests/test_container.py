@@ -199,6 +199,21 @@ def test_bad_input_gets_a_4xx_json_error(container, signs):
     for body in (b"this is not an image", png(signs[0][0])[:60]):
         r = predict(container["url"], body)
         assert r.status_code == 400 and r.json()["code"] == 400 and r.json()["message"], r.text
+    # Forms: a small urlencoded form reaches the handler, and what TorchServe's own form decoder cannot parse (a 500
+    # from the bare frontend, tests/test_e2e_hostile.py) leaves the edge as a 400 in the same JSON shape.
+    url, form = f"{container['url']}/predictions/gtsrb", {"Content-Type": "application/x-www-form-urlencoded"}
+    cases = {
+        "urlencoded %C3%A9=1&x=2": ({"data": b"%C3%A9=1&x=2", "headers": form}, "InvalidInput"),
+        "urlencoded %ZZ": ({"data": b"%ZZ=1", "headers": form}, "InvalidForm"),
+        "urlencoded image (bare curl --data-binary)": (
+            {"data": b"P6\n# 100% = 1\n2 2\n255\n" + bytes(12), "headers": form}, "InvalidForm"
+        ),
+        "multipart empty field name": ({"files": {"": (None, b"1")}}, "InvalidForm"),
+    }
+    for name, (kwargs, error_type) in cases.items():
+        r = requests.post(url, timeout=30, **kwargs)
+        assert r.status_code == 400 and r.headers["content-type"].startswith("application/json"), (name, r.text)
+        assert r.json()["code"] == 400 and r.json()["type"] == error_type and r.json()["message"], (name, r.text)
     assert predict(container["url"], png(signs[0][0])).status_code == 200  # and the workers are fine
 
 

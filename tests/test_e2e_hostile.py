@@ -127,7 +127,9 @@ HOSTILE = {
     "explanations raw text": ("explanations", {"data": b"hello", "headers": OCTETS}, 400, "InvalidImage"),
     "explanations é=1 x=1": ("explanations", form(("é", b"1"), ("x", b"1")), 400, "InvalidInput"),
     "explanations JSON nested": ("explanations", {"data": b"[" * 100_000, "headers": JSON}, 400, "InvalidJSON"),
-    # refused by TorchServe's Java frontend (its form decoder) before the handler sees them
+    # refused by TorchServe's Java frontend (its form decoder) before the handler sees them: a 500 from bare
+    # TorchServe (`make serve`, which has no edge); the container's HAProxy turns the same answers into a 400
+    # InvalidForm (tests/test_container.py::test_bad_input_gets_a_4xx_json_error). SECURITY.md says so.
     "multipart empty field name": ("predictions", form(("", b"1")), 500, "ErrorDataDecoderException"),
     "urlencoded %ZZ": ("predictions", {"data": b"%ZZ=1", "headers": FORM}, 500, "ErrorDataDecoderException"),
     "image sent as urlencoded (bare curl --data-binary)": (

@@ -206,7 +206,8 @@ def test_bad_input_gets_a_4xx_json_error(container, signs):
         "urlencoded %C3%A9=1&x=2": ({"data": b"%C3%A9=1&x=2", "headers": form}, "InvalidInput"),
         "urlencoded %ZZ": ({"data": b"%ZZ=1", "headers": form}, "InvalidForm"),
         "urlencoded image (bare curl --data-binary)": (
-            {"data": b"P6\n# 100% = 1\n2 2\n255\n" + bytes(12), "headers": form}, "InvalidForm"
+            {"data": b"P6\n# 100% = 1\n2 2\n255\n" + bytes(12), "headers": form},
+            "InvalidForm",
         ),
         "multipart empty field name": ({"files": {"": (None, b"1")}}, "InvalidForm"),
     }

@@ -62,7 +62,9 @@ def evaluate_run(
     test = public_test(public_root or data_root)
 
     use_ema = weights == "ema" and bool(ckpt.get("ema"))
-    model = create_model(args["num_classes"], args["resolution"], arch=args["arch"], input_norm=args.get("input_norm", "dataset"))
+    model = create_model(
+        args["num_classes"], args["resolution"], arch=args["arch"], input_norm=args.get("input_norm", "dataset")
+    )
     model.load_state_dict(ckpt["ema"] if use_ema else ckpt["model"])
     model.eval()
     result = {"checkpoint": checkpoint, "epoch": ckpt["epoch"], "weights": "ema" if use_ema else "raw"}
@@ -95,7 +97,9 @@ def evaluate_run(
             "data_fingerprint": gdata.fingerprint(test["paths"]),
         }  # fmt: skip
     if ckpt.get("ema"):  # one run gives both: the other weights of the same run, same data (a diagnostic)
-        other = create_model(args["num_classes"], args["resolution"], arch=args["arch"], input_norm=args.get("input_norm", "dataset"))
+        other = create_model(
+            args["num_classes"], args["resolution"], arch=args["arch"], input_norm=args.get("input_norm", "dataset")
+        )
         other.load_state_dict(ckpt["model"] if use_ema else ckpt["ema"])
         key = "raw_weights" if use_ema else "ema_weights"
         result[key] = {}

@@ -56,7 +56,12 @@ def load_checkpoint(path: str | Path) -> GTSRBClassifier:
     """Rebuild the model of a training checkpoint (its EMA weights when it has them)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     args = ckpt["args"]
-    model = create_model(args["num_classes"], args["resolution"], arch=args.get("arch", ARCH), input_norm=args.get("input_norm", "dataset"))
+    model = create_model(
+        args["num_classes"],
+        args["resolution"],
+        arch=args.get("arch", ARCH),
+        input_norm=args.get("input_norm", "dataset"),
+    )
     model.load_state_dict(ckpt.get("ema") or ckpt["model"])
     return model.eval()
 

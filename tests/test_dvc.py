@@ -115,7 +115,14 @@ def test_repro_runs_the_chain_once_then_only_what_changed(project):
     lineage = json.loads((repo / "models" / "gtsrb_lineage.json").read_text())
     assert lineage["promotion"]["decision"] == "override" and lineage["promotion"]["override"] == OVERRIDE
     assert "does not beat shipped" in lineage["promotion"]["gate"]
-    assert {"held_out_tracks", "public_test", "temperature"} <= set(lineage["evaluation"])
+    evaluation = lineage["evaluation"]
+    assert {"public_test", "temperature"} <= set(evaluation)
+    recipe = yaml.safe_load((repo / "training" / "configs" / "gtsrb.yaml").read_text())
+    if recipe["val_fraction"] > 0:  # tracks held out: measured there, and the temperature fitted there
+        assert "held_out_tracks" in evaluation and evaluation["temperature_source"] == "fitted on the held-out tracks"
+    else:  # every track trained on: the recipe's temperature (fitted on a comparison run's tracks) is baked in
+        assert "held_out_tracks" not in evaluation
+        assert evaluation["temperature"] == recipe["calibration_temperature"]
     # and archived that one, versioned by the version the train stage registered (its lineage) and its hash
     with zipfile.ZipFile(repo / "model_store" / "gtsrb.mar") as z:
         manifest = z.read("MAR-INF/MANIFEST.json").decode()

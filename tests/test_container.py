@@ -312,7 +312,12 @@ def test_edge_cuts_slow_bodies_and_limits_connections_per_client(container, sign
     cut_s, line = raw_request(ip, head, [b"x"] * 5, gap_s=4, wait_s=30)
     print(f"slow body cut after {cut_s:.1f} s: {line!r}")
     assert b" 408 " in line and 9 <= cut_s <= 12
-    conns = [socket.create_connection((ip, 8080), timeout=5) for _ in range(25)]
+    conns = []
+    for _ in range(25):
+        try:
+            conns.append(socket.create_connection((ip, 8080), timeout=5))
+        except ConnectionResetError:  # refused so fast that the reset came before connect() returned (a busy host)
+            pass
     try:
         answered = 0
         for c in conns:

@@ -5,34 +5,21 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import requests
 
-from tests.conftest import ROOT
 from tools import archive, torchserve_ctl
-
-
-def processes_under(path) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(str(path) in part for part in p.info["cmdline"] or []):
-                found.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return found
+from tools.torchserve_ctl import processes_under
 
 
 @contextlib.contextmanager
 def serving(base: Path) -> Iterator[dict]:
-    """-> {"inference", "management", "metrics": HTTP urls, "grpc_inference": port, "logs": its log folder}."""
+    """-> {"inference", "management", "metrics": HTTP urls, "grpc_inference": port, "logs": its log folder}.
+    Started as tools.torchserve_ctl.serving() starts it; stopped with TorchServe's own stop, and then no process
+    may be left (asserted, not reaped)."""
     store = base / "model_store"
     archive.build(export_path=store)
-    ports = torchserve_ctl.free_ports()
-    urls = torchserve_ctl.write_config(ROOT / "config.properties", base / "config.properties", ports)
-    proc = torchserve_ctl.start(base / "config.properties", store, base / "logs", tmpdir=base / "tmp", foreground=True)
+    proc, ports, urls, _ = torchserve_ctl.start_on_free_ports(base, store)
     try:
-        torchserve_ctl.wait_ready(urls["management"], timeout=180, proc=proc)
         yield {**urls, "grpc_inference": ports["grpc_inference"], "logs": base / "logs"}
     finally:
         torchserve_ctl.stop(base / "logs", tmpdir=base / "tmp")

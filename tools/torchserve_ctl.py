@@ -104,6 +104,26 @@ def write_config(src: Path | None, dst: Path, ports: dict[str, int], extra: dict
     return {k: settings[f"{k}_address"] for k in http}
 
 
+def ports_in_use(props: dict[str, str]) -> list[str]:
+    """The listeners of a config.properties (``props``) whose address another process holds, e.g.
+    ["inference_address http://127.0.0.1:8080"]. TorchServe itself would exit only after starting its
+    workers, and leave them running."""
+    listeners = {f"{k}_address": props.get(f"{k}_address", f"http://127.0.0.1:{port}")
+                 for k, port in (("inference", 8080), ("management", 8081), ("metrics", 8082))}  # fmt: skip
+    for key, port in (("grpc_inference", 7070), ("grpc_management", 7071)):
+        listeners[f"{key}_port"] = f"{props.get(f'{key}_address', '0.0.0.0')}:{props.get(f'{key}_port', port)}"
+    taken = []
+    for key, address in listeners.items():
+        url = urllib.parse.urlsplit(address if "//" in address else f"//{address}")
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Netty binds: a TIME_WAIT port is free
+            try:
+                s.bind((url.hostname or "0.0.0.0", url.port))
+            except OSError:
+                taken.append(f"{key} {address}")
+    return taken
+
+
 def model_status(management: str, model: str = MODEL) -> dict:
     """{'ready': a worker READY, 'all_ready': every worker READY, 'workers': [...]} from the management API;
     not ready if it cannot be reached."""
@@ -251,6 +271,75 @@ def stop(
     return drained
 
 
+PORT_TAKEN = "Address already in use"
+
+
+def processes_under(path: Path) -> list:
+    """The psutil processes whose command line names ``path`` (a server's workers name its temp dir)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            if any(str(path) in part for part in p.info["cmdline"] or []):
+                found.append(p)
+    return found
+
+
+def start_on_free_ports(
+    base: Path,
+    model_store: Path,
+    config: Path | None = ROOT / "config.properties",
+    extra: dict | None = None,
+    env: dict | None = None,
+    log_config: Path | None = LOG_CONFIG,
+    timeout: float = 180,
+    python: Path | None = None,
+    attempts: int = 3,
+) -> tuple[subprocess.Popen, dict[str, int], dict[str, str], dict]:
+    """Start TorchServe in the foreground with ``config``'s listeners moved to free loopback ports (config, logs
+    and temp dir in ``base``) and wait until every worker is READY -> (launcher, ports, urls, model status).
+
+    A port found free can be taken before TorchServe binds it (any outgoing connection may get it as its local
+    port). TorchServe then exits after its workers have started, with status 0 and the workers orphaned: that
+    attempt's processes are killed and new ports are tried, ``attempts`` times in all. Any other failure raises
+    at once, with the end of the logs."""
+    base.mkdir(parents=True, exist_ok=True)
+    logs, tmp = base / "logs", base / "tmp"
+    for attempt in range(1, attempts + 1):
+        ports = free_ports()
+        urls = write_config(config, base / "config.properties", ports, extra)
+        proc = start(base / "config.properties", model_store, logs, tmp, True, log_config, env, python)
+        try:
+            return proc, ports, urls, wait_ready(urls["management"], timeout, proc=proc)
+        except (TimeoutError, RuntimeError) as e:
+            exited = proc.poll() is not None
+            if not exited:
+                stop(logs, tmpdir=tmp, python=python)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=60)
+                proc.kill()
+                proc.wait()
+            report = f"{e}\n{_tail(logs / 'model_log.log')}{_tail(logs / 'ts_log.log')}{_tail(logs / 'torchserve.out')}"
+            reap(processes_under(base))
+            lost_port = exited and PORT_TAKEN in _read(logs / "torchserve.out") + _read(logs / "ts_log.log")
+            if not lost_port or attempt == attempts:
+                raise RuntimeError(report) from e
+            for name in ("torchserve.out", "ts_log.log", "model_log.log"):  # the next attempt's logs start empty
+                with contextlib.suppress(OSError):
+                    (logs / name).rename(logs / f"{name}.attempt{attempt}")
+            print(f"TorchServe lost a port to another process ({PORT_TAKEN}); new ports, attempt {attempt + 1}",
+                  file=sys.stderr)  # fmt: skip
+    raise AssertionError("unreachable")
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
 class Server(typing.NamedTuple):
     urls: dict[str, str]  # "inference", "management", "metrics": HTTP base urls
     ports: dict[str, int]  # every listener (PORT_NAMES)
@@ -275,26 +364,10 @@ def serving(
     Yields once the model is READY; always stopped, and any process it left behind is killed."""
     import psutil  # only here: the container's HEALTHCHECK imports this module every 10 s
 
-    base.mkdir(parents=True, exist_ok=True)
-    ports = free_ports()
-    urls = write_config(config, base / "config.properties", ports, extra)
     logs, tmp = base / "logs", base / "tmp"
-    proc = start(
-        base / "config.properties",
-        model_store,
-        logs,
-        tmp,
-        foreground=True,
-        log_config=log_config,
-        env=env,
-        python=python,
-    )
+    proc, ports, urls, status = start_on_free_ports(base, model_store, config, extra, env, log_config, timeout, python)
     spawned: list = []
     try:
-        try:
-            status = wait_ready(urls["management"], timeout, proc=proc)
-        except (TimeoutError, RuntimeError) as e:
-            raise RuntimeError(f"{e}\n{_tail(logs / 'model_log.log')}{_tail(logs / 'ts_log.log')}") from e
         spawned = psutil.Process(proc.pid).children(recursive=True)
         yield Server(urls, ports, proc, len(status["workers"]))
     finally:
@@ -363,6 +436,13 @@ def main() -> None:
         sys.exit(0 if status["ready"] else 1)
     if not (args.model_store / f"{MODEL}.mar").exists():
         sys.exit(f"{args.model_store / (MODEL + '.mar')} is missing: run `make archive` first")
+    if model_status(management)["ready"]:
+        print(f"{MODEL} is already READY at {management} (`make stop` first to restart it)")
+        return
+    taken = ports_in_use(props)
+    if taken:
+        sys.exit(f"cannot start TorchServe: {', '.join(taken)} in use by another process "
+                 f"(change the address in {args.config}, or stop what listens there)")  # fmt: skip
     t0 = time.monotonic()
     start(args.config.resolve(), args.model_store.resolve(), args.log_dir.resolve())
     try:

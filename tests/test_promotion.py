@@ -36,6 +36,22 @@ def test_fitted_temperature_recovers_the_one_that_drew_the_labels():
     assert metrics.calibration_error(logits / t, labels) < metrics.calibration_error(logits, labels) / 3
 
 
+def test_paired_comparison_counts_the_images_that_tell_two_models_apart():
+    labels = torch.zeros(100, dtype=torch.long)
+    a, b = labels.clone(), labels.clone()
+    a[:2] = 1  # A wrong on 2 images B gets right
+    b[2:12] = 1  # B wrong on 10 images A gets right
+    b[90:] = a[90:] = 1  # both wrong on 10: they tell the models nothing
+    c = metrics.paired(a, b, labels)
+    assert (c["a_only"], c["b_only"], c["n"]) == (10, 2, 100)
+    assert c["top1"] == pytest.approx([0.88, 0.80])
+    # exact two-sided McNemar: P(at most 2 of 12 discordant pairs go one way) x 2 = 2 (1 + 12 + 66) / 2^12
+    assert c["p"] == pytest.approx(2 * (1 + 12 + 66) / 4096)
+    (lo_a, hi_a), _ = c["top1_ci95"]
+    assert lo_a < 0.88 < hi_a and hi_a - lo_a == pytest.approx(0.13, abs=0.01)  # Wilson, n = 100
+    assert metrics.paired(a, a, labels)["p"] == 1.0
+
+
 def test_the_temperature_travels_in_the_export_and_leaves_the_answer_alone():
     torch.manual_seed(0)
     model = create_model(43, 48).eval()

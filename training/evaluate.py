@@ -3,6 +3,7 @@ any exported model on any split.
 
     python -m training.evaluate --run runs/gtsrb/latest --data-root DIR       # a run: calibrate, export, measure
     python -m training.evaluate --model models/gtsrb.pt --data-root DIR --split test   # any model, any split
+    python -m training.evaluate --model NEW.pt --against OLD.pt --data-root DIR     # two models, image by image
     python -m training.evaluate --data-root DIR --split test --download       # fetch the official test split
 
 A run is measured on its final weights (``last.pth``; the EMA when it has one), never on an epoch picked by the
@@ -130,6 +131,7 @@ def main() -> None:
     p.add_argument("--model", default="models/gtsrb.pt")
     p.add_argument("--data-root", help="GTSRB root (torchvision layout); default $GTSRB_ROOT")
     p.add_argument("--split", choices=["train", "test"], default="test")
+    p.add_argument("--against", help="a second model: compare the two on the same images (exact McNemar test)")
     p.add_argument("--download", action="store_true")
     p.add_argument("--worst", type=int, default=5)
     p.add_argument("--report", type=Path, help="write metrics.json and confusion.png here")
@@ -143,6 +145,15 @@ def main() -> None:
         return
     d = gdata.load_tensors(gdata.gtsrb(root, args.split, download=args.download), desc=f"decode {args.split}")
     logits = metrics.predict(export.load(args.model), d["images"])
+    if args.against:
+        other = metrics.predict(export.load(args.against), d["images"]).argmax(1)
+        c = metrics.paired(logits.argmax(1), other, d["labels"])
+        (lo_a, hi_a), (lo_b, hi_b) = c["top1_ci95"]
+        print(f"{args.split} (n={c['n']}): {args.model} {c['top1'][0]:.2%} [{lo_a:.2%}, {hi_a:.2%}] vs "
+              f"{args.against} {c['top1'][1]:.2%} [{lo_b:.2%}, {hi_b:.2%}] (95% Wilson)\n"
+              f"  right only by {args.model}: {c['a_only']}, only by {args.against}: {c['b_only']}; "
+              f"exact McNemar p = {c['p']:.3g}")  # fmt: skip
+        return
     s = metrics.summarize(logits, d["labels"], gdata.CLASS_NAMES)
     s["ece"] = metrics.calibration_error(logits, d["labels"])
     print(

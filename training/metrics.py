@@ -42,6 +42,32 @@ def summarize(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]
     }
 
 
+def paired(preds_a: torch.Tensor, preds_b: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Two models' answers on the same images, compared pairwise (exact McNemar test): only the images exactly one
+    of them gets right tell them apart. ``a_only``/``b_only``: right only by A / only by B; ``p``: two-sided
+    probability of a split at least that uneven if both were equally good; ``top1_ci95``: each top-1's Wilson
+    interval, the spread of the number itself over a test set of this size."""
+    from scipy.stats import binomtest  # training only: not in the serving environment
+
+    right_a, right_b = preds_a == labels, preds_b == labels
+    a_only, b_only = int((right_a & ~right_b).sum()), int((right_b & ~right_a).sum())
+    n = len(labels)
+
+    def ci(k: int) -> list[float]:
+        interval = binomtest(k, n).proportion_ci(0.95, method="wilson")
+        return [round(interval.low, 6), round(interval.high, 6)]
+
+    p = binomtest(min(a_only, b_only), a_only + b_only, 0.5).pvalue if a_only + b_only else 1.0
+    return {
+        "n": n,
+        "top1": [right_a.float().mean().item(), right_b.float().mean().item()],
+        "top1_ci95": [ci(int(right_a.sum())), ci(int(right_b.sum()))],
+        "a_only": a_only,
+        "b_only": b_only,
+        "p": float(p),
+    }
+
+
 def calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
     """Expected calibration error of the softmax top-1 probability: 15 equal-width bins, weighted by count."""
     conf, pred = logits.float().softmax(1).max(1)
